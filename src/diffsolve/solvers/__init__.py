@@ -1,0 +1,108 @@
+"""Solver registry: every solver, its order, NFE rule and source."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import adams, ddim, dpm_solver, euler, unipc
+from .core import SamplingError
+
+__all__ = ["SolverInfo", "SOLVERS", "get_solver", "solvers", "SamplingError"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """A registered solver.
+
+    ``cost(steps, clean_end)`` is the number of network evaluations for a grid of ``steps``
+    intervals; the NFE budget is turned into the largest grid that fits.
+    """
+
+    name: str
+    fn: Callable
+    order: int
+    nfe_rule: str
+    paper: str
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False
+    cost: Callable[[int, bool], int] = lambda steps, clean: steps
+    singlestep_order: int = 0  # > 0: budget split by dpm_solver.singlestep_orders
+
+    def plan(self, nfe: int, clean_end: bool) -> Tuple[int, Dict[str, Any]]:
+        """(steps, extra solver options) for an NFE budget."""
+        if self.singlestep_order:
+            orders = dpm_solver.singlestep_orders(nfe, self.singlestep_order, clean_end)
+            return len(orders), {"orders": orders}
+        steps = nfe
+        while steps > 0 and self.cost(steps, clean_end) > nfe:
+            steps -= 1
+        return steps, {}
+
+    def min_nfe(self, clean_end: bool) -> int:
+        """Smallest budget that buys at least one step."""
+        return next(n for n in range(1, 64) if self.plan(n, clean_end)[0] >= 1)
+
+
+def _heun_cost(steps: int, clean: bool) -> int:
+    return 2 * steps - 1 if clean else 2 * steps
+
+
+def _pndm_cost(steps: int, clean: bool) -> int:
+    return steps if (clean and steps == 1) else steps + 1
+
+
+_DPM = "Lu et al. 2022, DPM-Solver (arXiv:2206.00927)"
+_DPMPP = "Lu et al. 2022, DPM-Solver++ (arXiv:2211.01095)"
+_UNIPC = "Zhao et al. 2023, UniPC (arXiv:2302.04867)"
+
+_LIST: List[SolverInfo] = [
+    SolverInfo("ddim", ddim.ddim, 1, "1 per step", "Song et al. 2021, DDIM (arXiv:2010.02502)", {"eta": 0.0}),
+    SolverInfo("euler", euler.euler, 1, "1 per step", "Karras et al. 2022, EDM (arXiv:2206.00364)"),
+    SolverInfo("heun", euler.heun, 2, "2 per step, 1 for the jump to clean data",
+               "Karras et al. 2022, EDM (arXiv:2206.00364)", cost=_heun_cost),
+    SolverInfo("pndm", adams.pndm, 2, "1 per step + 1 (first step is Heun-like)",
+               "Liu et al. 2022, PNDM (arXiv:2202.09778)", cost=_pndm_cost),
+    SolverInfo("ipndm", adams.ipndm, 4, "1 per step", "Zhang & Chen 2023 (arXiv:2204.13902); Zhou et al. 2024",
+               {"order": 4}),
+    SolverInfo("deis", adams.deis, 3, "1 per step", "Zhang & Chen 2023, DEIS (arXiv:2204.13902)", {"order": 3}),
+    SolverInfo("dpm-solver-1", dpm_solver.dpm_singlestep, 1, "1 per step", _DPM, {"form": "noise"},
+               singlestep_order=1),
+    SolverInfo("dpm-solver-2", dpm_solver.dpm_singlestep, 2, "2 per step (+1 jump), remainder lower order", _DPM,
+               {"form": "noise"}, singlestep_order=2),
+    SolverInfo("dpm-solver-3", dpm_solver.dpm_singlestep, 3, "3 per step (+1 jump), remainder lower order", _DPM,
+               {"form": "noise"}, singlestep_order=3),
+    SolverInfo("dpm-solver-2m", dpm_solver.dpm_multistep, 2, "1 per step", _DPM + "; " + _DPMPP,
+               {"order": 2, "form": "noise"}),
+    SolverInfo("dpm-solver-3m", dpm_solver.dpm_multistep, 3, "1 per step", _DPM + "; " + _DPMPP,
+               {"order": 3, "form": "noise"}),
+    SolverInfo("dpm++2s", dpm_solver.dpm_singlestep, 2, "2 per step (+1 jump), remainder lower order", _DPMPP,
+               {"form": "data"}, singlestep_order=2),
+    SolverInfo("dpm++2m", dpm_solver.dpm_multistep, 2, "1 per step", _DPMPP, {"order": 2, "form": "data"}),
+    SolverInfo("dpm++3m", dpm_solver.dpm_multistep, 3, "1 per step", _DPMPP, {"order": 3, "form": "data"}),
+    SolverInfo("dpm++2m-sde", dpm_solver.dpm_sde_multistep, 1, "1 per step (strong order 1)", _DPMPP,
+               {"order": 2}, stochastic=True),
+    SolverInfo("unipc-bh1", unipc.unipc, 3, "1 per step (corrector reuses the next evaluation)", _UNIPC,
+               {"variant": "bh1", "order": 2}),
+    SolverInfo("unipc-bh2", unipc.unipc, 3, "1 per step (corrector reuses the next evaluation)", _UNIPC,
+               {"variant": "bh2", "order": 2}),
+    SolverInfo("ddpm", ddim.ddpm, 1, "1 per step (weak order 1)", "Ho et al. 2020, DDPM (arXiv:2006.11239)",
+               stochastic=True),
+    SolverInfo("euler-maruyama", euler.euler_maruyama, 1, "1 per step (weak order 1)",
+               "Song et al. 2021, score SDE (arXiv:2011.13456)", stochastic=True),
+]
+
+SOLVERS: Dict[str, SolverInfo] = {s.name: s for s in _LIST}
+_ALIASES = {"dpmpp_2m": "dpm++2m", "dpmpp-2m": "dpm++2m", "dpmpp_3m": "dpm++3m", "unipc": "unipc-bh2",
+            "dpm-solver++": "dpm++2m", "plms": "pndm", "ddim-eta": "ddim", "em": "euler-maruyama"}
+
+
+def get_solver(name: str) -> SolverInfo:
+    key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if key not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid names: {', '.join(SOLVERS)}")
+    return SOLVERS[key]
+
+
+def solvers() -> List[SolverInfo]:
+    """Every solver with its order, NFE rule and paper (``ds.solvers()``)."""
+    return list(_LIST)

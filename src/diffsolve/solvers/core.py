@@ -1,0 +1,249 @@
+"""The machinery every solver shares.
+
+All solvers integrate the probability-flow ODE (or the reverse SDE) of x_t = alpha x0 + sigma eps
+on a ``TimeGrid``.  In the half log-SNR lambda = log(alpha/sigma) the exact solution is
+(Lu et al. 2022, DPM-Solver; 2022b, DPM-Solver++)
+
+  noise form:  x_t = (alpha_t/alpha_s) x_s - sigma_t * int_{lam_s}^{lam_t} e^{lam_t - lam} eps(lam) dlam
+  data form:   x_t = (sigma_t/sigma_s) x_s + alpha_t * int_{lam_s}^{lam_t} e^{lam - lam_t} x0(lam) dlam
+
+Expanding eps or x0 in powers of (lam - lam_s) gives the phi-function coefficients
+h^{k+1} phi_{k+1}(+-h) below.  Equivalently, in the 'VE view' x~ = x/alpha, s = sigma/alpha
+the ODE is dx~/ds = eps, which is where Euler, Heun and the Adams-type (PNDM) methods live.
+
+A step whose target is clean data (the grid's ``clean_end``) is always the denoiser jump
+x <- x0(x_s, s): the one last-step rule shared by every solver.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..denoiser import Denoiser, NonFiniteError
+from ..timesteps import TimeGrid
+
+Tensor = torch.Tensor
+
+
+class SamplingError(ValueError):
+    """Raised when sampling cannot proceed (bad input or a non-finite state)."""
+
+
+# ----------------------------------------------------------------------------------------
+# phi functions: phi_k(z) = int_0^1 e^{(1-u) z} u^{k-1}/(k-1)! du,  phi_0(z) = e^z
+# ----------------------------------------------------------------------------------------
+def phi(k: int, z: Union[float, Tensor]) -> Tensor:
+    """phi_k(z) in float64, by series for small |z| and the recurrence otherwise."""
+    z = torch.as_tensor(z, dtype=torch.float64)
+    if k == 0:
+        return torch.exp(z)
+    small = z.abs() < 0.2
+    # series: sum_j z^j / (j + k)!
+    zs = torch.where(small, z, torch.zeros_like(z))
+    series = torch.zeros_like(z)
+    term = torch.full_like(z, 1.0 / math.factorial(k))
+    for j in range(25):
+        series = series + term
+        term = term * zs / (j + k + 1)
+    # recurrence: phi_{k+1}(z) = (phi_k(z) - 1/k!) / z, phi_1 = expm1(z)/z
+    zr = torch.where(small, torch.ones_like(z), z)
+    rec = torch.expm1(zr) / zr
+    for j in range(1, k):
+        rec = (rec - 1.0 / math.factorial(j)) / zr
+    return torch.where(small, series, rec)
+
+
+def h_phi(k: int, h: Tensor, sign: float) -> Tensor:
+    """h^k phi_k(sign*h): the weight of (lam - lam_s)^{k-1}/(k-1)! in one exponential step."""
+    return h**k * phi(k, sign * h)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation points and the model call
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One model evaluation: where, and what the model said (x0 and eps, float64)."""
+
+    t: float
+    lam: float
+    alpha: float
+    sigma: float
+    x: Tensor
+    x0: Tensor
+    eps: Tensor
+
+    @property
+    def sigma_ve(self) -> float:
+        return self.sigma / self.alpha
+
+
+class Evaluator:
+    """Calls the denoiser at process times, checking results and counting NFE."""
+
+    def __init__(self, den: Denoiser, model_kwargs: Optional[Dict[str, Any]] = None,
+                 callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 progress: Optional[Any] = None):
+        self.den, self.kwargs = den, dict(model_kwargs or {})
+        self.callback, self.progress = callback, progress
+        self.nfe = 0
+        self.step = 0
+
+    def __call__(self, x: Tensor, t: float) -> Point:
+        p = self.den.process
+        tt = torch.tensor(float(t), dtype=torch.float64)
+        try:
+            x0, eps = self.den.predict(x, tt, **self.kwargs)
+        except NonFiniteError as e:
+            raise SamplingError(f"step {self.step}: {e}") from None
+        self.nfe += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return Point(float(t), float(p.lam(tt)), float(p.alpha(tt)), float(p.sigma(tt)), x, x0, eps)
+
+    def at(self, x: Tensor, grid: TimeGrid, i: int) -> Point:
+        return self(x, float(grid.t[i]))
+
+    def finish_step(self, i: int, x: Tensor, grid: TimeGrid, denoised: Optional[Tensor] = None) -> Tensor:
+        """Common bookkeeping after step i -> i+1: finiteness check and user callback."""
+        if not torch.isfinite(x).all():
+            t_next = "clean" if grid.is_clean(i + 1) else f"t={float(grid.t[i + 1]):.6g}"
+            raise SamplingError(f"state became non-finite at step {i} ({float(grid.t[i]):.6g} -> {t_next}); "
+                                "try more NFE, another grid, or a lower-order solver")
+        self.step = i + 1
+        if self.callback is not None:
+            self.callback({"i": i, "x": x, "t": float(grid.t[i + 1]), "denoised": denoised})
+        return x
+
+
+# ----------------------------------------------------------------------------------------
+# exponential-integrator building blocks
+# ----------------------------------------------------------------------------------------
+def exp_step(x: Tensor, s: Point, alpha_t: float, sigma_t: float, lam_t: float,
+             terms: Sequence[Tensor], form: str) -> Tensor:
+    """One exponential-integrator step from point s to time t.
+
+    ``terms[k]`` is the k-th derivative-like term c_k such that the model output is modelled as
+    sum_k c_k (lam - lam_s)^k / k!  (c_0 = model output at s).  ``form`` is 'data' (x0) or
+    'noise' (eps).  Returns x_t exactly for that polynomial model.
+    """
+    h = torch.tensor(lam_t - s.lam, dtype=torch.float64)
+    if form == "data":
+        out = (sigma_t / s.sigma) * x
+        for k, c in enumerate(terms):
+            out = out + alpha_t * float(h_phi(k + 1, h, -1.0)) * c
+        return out
+    out = (alpha_t / s.alpha) * x
+    for k, c in enumerate(terms):
+        out = out - sigma_t * float(h_phi(k + 1, h, 1.0)) * c
+    return out
+
+
+def lagrange_weights(nodes: Sequence[float], a: float, b: float,
+                     dsigma: Callable[[np.ndarray], np.ndarray], n_quad: int = 16) -> np.ndarray:
+    """w_j = int_a^b L_j(u) dsigma(u)/du du for the Lagrange basis L_j through ``nodes``.
+
+    Used by Adams-type multistep methods in the VE view (x~_t = x~_s + sum_j w_j eps_j);
+    the interpolation variable u is lambda (DEIS 'logrho'), sigma/alpha (iPNDM) or t (tAB).
+    Gauss-Legendre quadrature in u (exact for polynomials, ~machine precision for exp).
+    """
+    xs, ws = np.polynomial.legendre.leggauss(n_quad)
+    u = 0.5 * (b - a) * xs + 0.5 * (b + a)
+    jac = dsigma(u) * ws * 0.5 * (b - a)
+    nodes = np.asarray(nodes, dtype=np.float64)
+    out = np.empty(len(nodes))
+    for j, uj in enumerate(nodes):
+        L = np.ones_like(u)
+        for m, um in enumerate(nodes):
+            if m != j:
+                L *= (u - um) / (uj - um)
+        out[j] = np.sum(L * jac)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# randomness: one generator per sample, so a sample does not depend on the batch size
+# ----------------------------------------------------------------------------------------
+class Noise:
+    """Draws N(0, I) noise shaped like the state, one torch.Generator per sample."""
+
+    def __init__(self, generators: Optional[Sequence[torch.Generator]] = None):
+        self.generators = list(generators) if generators is not None else None
+
+    def like(self, x: Tensor) -> Tensor:
+        if self.generators is None:
+            return torch.randn_like(x)
+        if len(self.generators) != x.shape[0]:
+            raise SamplingError(f"{len(self.generators)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64, device=g.device)
+                            for g in self.generators]).to(x)
+
+
+def generators_from_seeds(seeds: Sequence[int], device: Union[str, torch.device] = "cpu") -> List[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------
+# multistep driver
+# ----------------------------------------------------------------------------------------
+def step_order(i: int, steps: int, order: int, lower_order_final: bool) -> int:
+    """Order of step i (0-based) of a multistep method: warm up from 1, optionally lower at the end."""
+    k = min(order, i + 1)
+    if lower_order_final:
+        k = min(k, steps - i)
+    return max(k, 1)
+
+
+def resolve_lower_order_final(flag: Optional[bool], grid: TimeGrid) -> bool:
+    """``None`` (auto): lower the order on the last steps when there are fewer than 15 steps, or when the
+    last finite log-SNR interval is over 3x the one before (large final steps blow up high orders)."""
+    if flag is not None:
+        return bool(flag)
+    if grid.steps < 15:
+        return True
+    lam = grid.lam[torch.isfinite(grid.lam)]
+    if lam.numel() >= 3:
+        d = lam[1:] - lam[:-1]
+        return bool(d[-1] > 3 * d[-2])
+    return False
+
+
+UpdateFn = Callable[[Tensor, int, List[Point], int], Tensor]
+
+
+def run_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, update: UpdateFn, order: int,
+                  lower_order_final: Optional[bool] = None, history: int = 4,
+                  correct: Optional[Callable[[Tensor, List[Point], int], Tensor]] = None) -> Tensor:
+    """Shared loop of all one-evaluation-per-step methods.
+
+    For each step i: evaluate the model at (x, t_i), optionally ``correct`` x with that evaluation
+    (UniC), then ``update(x, i, hist, k)`` gives x_{i+1} with order k.  A step to clean data is the
+    denoiser jump.  ``hist`` holds the latest ``history`` points, newest last.
+    """
+    lof = resolve_lower_order_final(lower_order_final, grid)
+    hist: List[Point] = []
+    prev_order = 0
+    for i in range(grid.steps):
+        pt = ev.at(x, grid, i)
+        hist = (hist + [pt])[-history:]
+        if correct is not None and len(hist) > 1:
+            x = correct(x, hist, prev_order)
+            hist[-1].x = x
+        if grid.is_clean(i + 1):
+            x = pt.x0
+            prev_order = 1
+        else:
+            k = step_order(i, grid.steps, order, lof)
+            x = update(x, i, hist, k)
+            prev_order = k
+        x = ev.finish_step(i, x, grid, pt.x0)
+    return x
+
+
+def grid_point(grid: TimeGrid, i: int) -> tuple[float, float, float]:
+    """(alpha, sigma, lambda) of grid point i as floats."""
+    return float(grid.alpha[i]), float(grid.sigma[i]), float(grid.lam[i])

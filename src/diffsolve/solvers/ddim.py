@@ -1,0 +1,37 @@
+"""DDIM (Song et al. 2021, arXiv:2010.02502) and DDPM ancestral sampling (Ho et al. 2020).
+
+x_t = alpha_t x0 + sqrt(sigma_t^2 - s^2) eps + s z,   s = eta sigma_t sqrt(1 - e^{-2h}),
+h = lambda_t - lambda_s.  eta = 0 is the deterministic DDIM (= DPM-Solver-1 = Euler in the VE
+view); eta = 1 is DDPM's ancestral step with the posterior variance (written for any process).
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from .core import Evaluator, Noise, Point, grid_point, run_multistep
+
+Tensor = torch.Tensor
+
+
+def ddim(ev: Evaluator, x: Tensor, grid, noise: Noise, eta: float = 0.0) -> Tensor:
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+    def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
+        a_t, s_t, lam_t = grid_point(grid, i + 1)
+        p = hist[-1]
+        if eta == 0:
+            return a_t * p.x0 + s_t * p.eps
+        s_eta = eta * s_t * math.sqrt(-math.expm1(-2.0 * (lam_t - p.lam)))
+        s_eta = min(s_eta, s_t)
+        return a_t * p.x0 + math.sqrt(s_t**2 - s_eta**2) * p.eps + s_eta * noise.like(x)
+
+    return run_multistep(ev, x, grid, update, order=1, history=1)
+
+
+def ddpm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
+    """Ancestral sampling: DDIM with eta = 1."""
+    return ddim(ev, x, grid, noise, eta=1.0)

@@ -1,0 +1,162 @@
+"""DPM-Solver family: exponential integrators in the half log-SNR lambda.
+
+* DPM-Solver-1/2/3 singlestep, noise prediction (Lu et al. 2022, arXiv:2206.00927, Alg. 1-2).
+* DPM-Solver multistep 2/3, noise prediction, and DPM-Solver++ 2S/2M/3M, data prediction
+  (Lu et al. 2022b, arXiv:2211.01095).
+* SDE-DPM-Solver++(2M) (ibid., sec. 5 / App. B), the stochastic data-prediction solver.
+
+Multistep differences use r_k = h_prev_k / h.  ``taylor3=True`` (default) weights the second
+difference of the 3M methods with its Taylor coefficient, which makes them third order; with
+``taylor3=False`` the coefficient is half of it, as in the reference implementations (whose
+3M is then second order on any grid, see docs/conventions.md).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .core import Evaluator, Noise, Point, exp_step, grid_point, h_phi, run_multistep
+
+Tensor = torch.Tensor
+
+
+def _out(p: Point, form: str) -> Tensor:
+    return p.x0 if form == "data" else p.eps
+
+
+def multistep_update(form: str, taylor3: bool = True):
+    """Update rule of DPM-Solver(-++) multistep of order k <= 3 on the history (newest last)."""
+
+    def update(x: Tensor, i: int, hist: List[Point], k: int, grid) -> Tensor:
+        a_t, s_t, lam_t = grid_point(grid, i + 1)
+        p0 = hist[-1]
+        h = lam_t - p0.lam
+        m0 = _out(p0, form)
+        if k == 1:
+            return exp_step(x, p0, a_t, s_t, lam_t, [m0], form)
+        p1 = hist[-2]
+        r0 = (p0.lam - p1.lam) / h
+        d1_0 = (m0 - _out(p1, form)) / r0
+        if k == 2:
+            # 'midpoint' variant: the first difference weighted with h*phi_1/2 instead of h^2 phi_2
+            first = float(exp_weight(h, 1, form)) * 0.5
+            return exp_step(x, p0, a_t, s_t, lam_t, [m0], form) - _sign(form) * _scale(a_t, s_t, form) * first * d1_0
+        p2 = hist[-3]
+        r1 = (p1.lam - p2.lam) / h
+        d1_1 = (_out(p1, form) - _out(p2, form)) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        c2 = (2.0 if taylor3 else 1.0) * d2 / h**2
+        return exp_step(x, p0, a_t, s_t, lam_t, [m0, d1 / h, c2], form)
+
+    return update
+
+
+def _sign(form: str) -> float:
+    return 1.0 if form == "noise" else -1.0
+
+
+def _scale(a_t: float, s_t: float, form: str) -> float:
+    return s_t if form == "noise" else a_t
+
+
+def exp_weight(h: float, k: int, form: str) -> Tensor:
+    return h_phi(k, torch.tensor(h, dtype=torch.float64), 1.0 if form == "noise" else -1.0)
+
+
+def dpm_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "data",
+                  lower_order_final: Optional[bool] = None, taylor3: bool = True) -> Tensor:
+    """DPM-Solver multistep (form='noise') or DPM-Solver++ multistep (form='data'), order 1-3."""
+    upd = multistep_update(form, taylor3)
+    return run_multistep(ev, x, grid, lambda x, i, hist, k: upd(x, i, hist, k, grid), order,
+                         lower_order_final, history=3)
+
+
+def dpm_sde_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2,
+                      lower_order_final: Optional[bool] = None) -> Tensor:
+    """SDE-DPM-Solver++(2M): x_t = (s_t/s_s) e^{-h} x + a_t (1-e^{-2h}) (D0 + D1/2) + s_t sqrt(1-e^{-2h}) z."""
+
+    def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
+        a_t, s_t, lam_t = grid_point(grid, i + 1)
+        p0 = hist[-1]
+        h = lam_t - p0.lam
+        one_m = float(-torch.expm1(torch.tensor(-2.0 * h, dtype=torch.float64)))
+        out = (s_t / p0.sigma) * float(torch.exp(torch.tensor(-h, dtype=torch.float64))) * x + a_t * one_m * p0.x0
+        if k >= 2:
+            p1 = hist[-2]
+            r0 = (p0.lam - p1.lam) / h
+            out = out + 0.5 * a_t * one_m * (p0.x0 - p1.x0) / r0
+        return out + s_t * one_m**0.5 * noise.like(x)
+
+    return run_multistep(ev, x, grid, update, order, lower_order_final, history=2)
+
+
+# ----------------------------------------------------------------------------------------
+# singlestep
+# ----------------------------------------------------------------------------------------
+def singlestep_orders(nfe: int, order: int, clean_end: bool) -> List[int]:
+    """Orders of the steps of a singlestep solver spending at most ``nfe`` evaluations.
+
+    As many order-``order`` steps as fit, then one lower-order step for the remainder; a final
+    jump to clean data costs one evaluation and is order 1 (DPM-Solver's 'fast' recipe, sec. 3.4).
+    """
+    budget = nfe - 1 if clean_end else nfe
+    orders = [order] * (budget // order)
+    if budget % order:
+        orders.append(budget % order)
+    if clean_end:
+        orders.append(1)
+    return orders
+
+
+def _intermediate(ev: Evaluator, lam: float) -> tuple:
+    p = ev.den.process
+    t = p.t_of_lam(torch.tensor(lam, dtype=torch.float64))
+    return float(t), float(p.alpha(t)), float(p.sigma(t))
+
+
+def dpm_singlestep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "noise",
+                   orders: Optional[Sequence[int]] = None) -> Tensor:
+    """DPM-Solver-k (form='noise') or DPM-Solver++(2S) (form='data', k <= 2) singlestep.
+
+    Step s -> t of order 2 evaluates once more at lambda_s + h/2; order 3 at lambda_s + h/3 and
+    lambda_s + 2h/3.  Intermediate times come from the process's exact lambda inverse.
+    """
+    if orders is None:
+        orders = [order] * grid.steps
+    if len(orders) != grid.steps:
+        raise ValueError(f"{len(orders)} step orders for a grid of {grid.steps} steps")
+    sign = _sign(form)
+    for i, k in enumerate(orders):
+        p0 = ev.at(x, grid, i)
+        if grid.is_clean(i + 1):
+            x = ev.finish_step(i, p0.x0, grid, p0.x0)
+            continue
+        a_t, s_t, lam_t = grid_point(grid, i + 1)
+        h = lam_t - p0.lam
+        m0 = _out(p0, form)
+        first = exp_step(x, p0, a_t, s_t, lam_t, [m0], form)
+        if k == 1:
+            x_new = first
+        elif k == 2:
+            r1 = 0.5
+            t1, a1, s1 = _intermediate(ev, p0.lam + r1 * h)
+            u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], form)
+            m1 = _out(ev(u1, t1), form)
+            w = _scale(a_t, s_t, form) * float(exp_weight(h, 1, form)) / (2 * r1)
+            x_new = first - sign * w * (m1 - m0)
+        elif k == 3:
+            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+            t1, a1, s1 = _intermediate(ev, p0.lam + r1 * h)
+            u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], form)
+            d1 = _out(ev(u1, t1), form) - m0
+            t2, a2, s2 = _intermediate(ev, p0.lam + r2 * h)
+            u2 = exp_step(x, p0, a2, s2, p0.lam + r2 * h, [m0], form)
+            u2 = u2 - sign * _scale(a2, s2, form) * (r2 / r1) * float(exp_weight(r2 * h, 2, form)) / (r2 * h) * d1
+            d2 = _out(ev(u2, t2), form) - m0
+            x_new = first - sign * _scale(a_t, s_t, form) * float(exp_weight(h, 2, form)) / h / r2 * d2
+        else:
+            raise ValueError(f"singlestep order must be 1, 2 or 3, got {k}")
+        x = ev.finish_step(i, x_new, grid, p0.x0)
+    return x
