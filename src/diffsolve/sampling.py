@@ -30,7 +30,7 @@ class SampleInfo:
         return self.grid.clean_end
 
 
-def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[int] = 10,
+def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[int] = None,
            spacing: Union[str, Callable] = "logsnr", grid: Optional[Union[TimeGrid, Sequence[float], Tensor]] = None,
            final: str = "denoise", seeds: Optional[Sequence[int]] = None,
            generators: Optional[Sequence[torch.Generator]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
@@ -43,8 +43,8 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         noise: standard normal noise [B, ...]; it is scaled by ``process.prior_scale`` to give x at
             the grid's first time (pass ``scale_noise=False`` if it already is x_T).
         solver: a name from ``ds.solvers()``.
-        nfe: budget of network evaluations (the solver picks the largest grid that fits). Optional when
-            ``grid`` is given.
+        nfe: budget of network evaluations (the solver picks the largest grid that fits); 10 when
+            neither ``nfe`` nor ``grid`` is given.  With an explicit ``grid`` it is an upper bound only.
         spacing: time-step spacing name (``ds.timesteps.SPACINGS``) or a callable ``(process, n) -> t``.
         grid: an explicit ``TimeGrid`` (``ds.timesteps.explicit``) or a sequence of process times.
         final: 'denoise' (last step jumps to clean data with the denoiser) or 't_min' (stop there).
@@ -71,8 +71,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
     proc = den.process
     extra: Dict[str, Any] = {}
     if grid is None:
-        if nfe is None:
-            raise ValueError("give an NFE budget (nfe=...) or an explicit grid")
+        nfe = 10 if nfe is None else nfe
         clean = final == "denoise"
         need = info.min_nfe(clean)
         if nfe < need:
