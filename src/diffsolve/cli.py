@@ -1,0 +1,412 @@
+"""Command line: ``diffsolve solvers | sample | demo`` (also ``python -m diffsolve``).
+
+Every command samples the exact Gaussian-mixture reference model (``ds.GaussianMixture``), so
+each sample can be scored against the exact probability-flow ODE solution from the same noise.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import diffsolve as ds
+
+PROCESSES = {
+    "vp-linear": ("DDPM linear betas, 1000 discrete steps", lambda: ds.VPDiscrete.linear(1000)),
+    "vp-cosine": ("improved-DDPM cosine, 1000 discrete steps", lambda: ds.VPDiscrete.cosine(1000)),
+    "vp-continuous": ("continuous VP SDE, linear beta", lambda: ds.VPContinuous.linear()),
+    "ve": ("variance exploding, sigma in [0.01, 50]", lambda: ds.VE()),
+    "edm": ("EDM, sigma in [0.002, 80]", lambda: ds.EDM()),
+    "flow": ("rectified flow, x_t = (1 - t) x0 + t eps", lambda: ds.RectifiedFlow()),
+}
+REFERENCES = {
+    "toy2d": ("8 elongated Gaussians on a ring in 2-D", lambda: ds.GaussianMixture.toy2d()),
+    "gmm64": ("random low-rank mixture, 64 dims", lambda: ds.GaussianMixture.random(64, seed=0)),
+    "gmm3072": ("random low-rank mixture, 3072 dims", lambda: ds.GaussianMixture.random(3072, seed=0)),
+    "image": ("the gmm3072 mixture shaped as 3x32x32 images",
+              lambda: ds.GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
+}
+PREDICTIONS = ("x0", "epsilon", "v", "score", "velocity")
+DEMO_SOLVERS = ("ddim", "dpm++2m", "unipc-bh2", "dpm-solver-3m", "heun", "ipndm")
+#: the exact ODE reference is solved for at most this many numbers (samples x dims); more are subsampled
+EXACT_BUDGET = 16384
+
+
+class CLIError(ValueError):
+    """Bad command-line input (reported as ``error: ...``, exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _jsonable(v: Any) -> Any:
+    """NaN/inf -> None, tensors and numpy values -> lists and floats (strict JSON)."""
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    return str(v)
+
+
+def _write_json(path: Path, obj: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _parse_options(items: Sequence[str]) -> Dict[str, Any]:
+    """``["order=3", "eta=0.5", "variant=bh1"]`` -> solver options (Python literals, else strings)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
+def _noise_and_seeds(n: int, shape: Sequence[int], seed: int):
+    """Standard normal noise with one generator per sample (a sample does not depend on n), and the
+    per-sample seeds a stochastic solver draws its own noise from."""
+    base = seed << 32
+    noise = torch.stack([torch.randn(tuple(shape), dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(base + 2 * i)) for i in range(n)])
+    return noise, [base + 2 * i + 1 for i in range(n)]
+
+
+def _exact(ref: ds.GaussianMixture, proc: ds.NoiseProcess, noise: torch.Tensor, quiet: bool):
+    _log(f"solving the exact probability-flow ODE for {noise.shape[0]} samples ...", quiet)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ODE's right-hand side is many small ops: threads cost more than they save
+    try:
+        return ds.exact_targets(ref, proc, noise * proc.prior_scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean().sqrt())
+
+
+def _logp_per_dim(ref: ds.GaussianMixture, x: torch.Tensor) -> float:
+    return float(ref.log_prob(x).mean()) / ref.dim
+
+
+def _llgap(ref: ds.GaussianMixture, x: torch.Tensor, exact: torch.Tensor, proc: ds.NoiseProcess,
+           t: Optional[float] = None) -> float:
+    """[mean log p(exact) - mean log p(x)] / dim under the true mixture, or under its exact marginal at
+    process time ``t`` (runs that stop at t_min).  Positive: the samples are less likely than exact ones."""
+    if t is None:
+        return _logp_per_dim(ref, exact) - _logp_per_dim(ref, x)
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    a, s = float(proc.alpha(tt)), float(proc.sigma_ve(tt))
+    return float(ref.log_prob_ve(exact / a, s).mean() - ref.log_prob_ve(x / a, s).mean()) / ref.dim
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scatter(ax, data: np.ndarray, x: Optional[np.ndarray], lim: float, color: str = "C0") -> int:
+    """Exact data in grey underneath, samples on top; returns how many samples fall off the panel."""
+    ax.scatter(data[:, 0], data[:, 1], s=3, c="0.75", lw=0, rasterized=True)
+    off = 0
+    if x is not None:
+        ax.scatter(x[:, 0], x[:, 1], s=3, c=color, lw=0, alpha=0.8, rasterized=True)
+        off = int((np.abs(x) > lim).any(1).sum())
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return off
+
+
+def _image_grid(x: np.ndarray, cols: int = 8) -> np.ndarray:
+    """[n, C, H, W] in about [-1, 1] -> one [rows*H, cols*W, C] image in [0, 1]."""
+    n, c, h, w = x.shape
+    rows = -(-n // cols)
+    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c))
+    for i, img in enumerate(np.clip((x + 1) / 2, 0, 1)):
+        r, q = divmod(i, cols)
+        grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = img.transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
+# ----------------------------------------------------------------------------------------
+# diffsolve solvers
+# ----------------------------------------------------------------------------------------
+def solver_table(markdown: bool = False) -> str:
+    """Every registered solver as a plain-text or Markdown table."""
+    rows = [(s.name, str(s.order), s.nfe_rule, "yes" if s.stochastic else "no", s.paper) for s in ds.solvers()]
+    if markdown:
+        lines = ["| name | order | NFE rule | paper |", "|---|---|---|---|"]
+        lines += [f"| `{r[0]}` | {r[1]}{' (SDE)' if r[3] == 'yes' else ''} | {r[2]} | {r[4]} |" for r in rows]
+        return "\n".join(lines)
+    head = ("name", "order", "NFE rule", "stochastic", "paper")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths), "-----")]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_solvers(args: argparse.Namespace) -> int:
+    print(solver_table(args.markdown))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# diffsolve sample
+# ----------------------------------------------------------------------------------------
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise CLIError("loading checkpoints is not supported yet (--model); "
+                       "the CLI samples the exact reference model (--reference)")
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    info = ds.get_solver(args.solver)  # unknown names fail here, before any work
+    options = _parse_options(args.option)
+    proc = PROCESSES[args.process][1]()
+    ref = REFERENCES[args.reference][1]()
+    den = ref.denoiser(proc, args.prediction)
+    out = Path(args.out)
+
+    noise, seeds = _noise_and_seeds(args.n, ref.shape, args.seed)
+    t0 = time.perf_counter()
+    x, si = ds.sample(den, noise, solver=info.name, nfe=args.nfe, spacing=args.spacing, final=args.final,
+                      seeds=seeds if info.stochastic else None, progress=not args.quiet, return_info=True,
+                      **options)
+    t_sample = time.perf_counter() - t0
+
+    # exact ODE endpoints from the same noise, on a subsample if the data are large
+    m = args.exact_samples if args.exact_samples is not None else min(args.n, max(1, EXACT_BUDGET // ref.dim))
+    m = max(0, min(m, args.n))
+    metrics: Dict[str, Any] = {"exact_samples": m}
+    t_exact = 0.0
+    if m:
+        t1 = time.perf_counter()
+        tg = _exact(ref, proc, noise[:m], args.quiet)
+        t_exact = time.perf_counter() - t1
+        target = tg.for_grid(si.ends_clean)
+        metrics.update({
+            "exact_target": "denoised" if si.ends_clean else "at_t_min",
+            "rmse_vs_exact_ode": _rmse(x[:m], target),
+            "max_abs_err_vs_exact_ode": float((x[:m] - target).abs().max()),
+            "llgap_per_dim": _llgap(ref, x[:m], target, proc, None if si.ends_clean else tg.t_min),
+        })
+        if info.stochastic:
+            metrics["note"] = ("stochastic solver: it samples the reverse SDE, so its distance to the ODE "
+                               "solution is not an error; compare llgap_per_dim instead")
+    data = ref.sample(args.n, torch.Generator().manual_seed(args.seed))
+    metrics["logp_per_dim"] = {"samples": _logp_per_dim(ref, x), "exact_data": _logp_per_dim(ref, data)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", x.cpu().numpy())
+    files = {"samples": str(out / "samples.npy"), "info": str(out / "info.json")}
+    png = _plot_samples(ref, x, data, info.name, si, out / "samples.png")
+    if png:
+        files["png"] = str(png)
+    _write_json(out / "info.json", {
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "quiet")},
+        "solver": si.solver, "nfe_budget": args.nfe, "nfe": si.nfe, "steps": si.steps,
+        "ends_clean": si.ends_clean, "grid_t": si.grid.t, "options": si.options,
+        "process": proc.config(), "shape": list(ref.shape), **metrics,
+        "wall_s": {"sample": round(t_sample, 3), "exact_ode": round(t_exact, 3)},
+        "files": files, "version": ds.__version__,
+    })
+    msg = f"{si.solver}: {si.nfe} NFE ({si.steps} steps) on {args.n} samples"
+    if m:
+        msg += f"; RMSE vs exact ODE {metrics['rmse_vs_exact_ode']:.4g} (on {m})"
+    print(f"{msg} -> {out}")
+    return 0
+
+
+def _plot_samples(ref, x, data, name, si, path: Path) -> Optional[Path]:
+    if ref.shape == (2,):
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(5, 5))
+        lim = 1.25 * float(data.abs().max())
+        off = _scatter(ax, data.numpy(), x.cpu().numpy(), lim)
+        ax.set_title(f"{name}, NFE {si.nfe}" + (f" ({off} off-panel)" if off else ""), fontsize=10)
+    elif len(ref.shape) == 3 and ref.shape[0] in (1, 3):
+        plt = _pyplot()
+        k = min(64, x.shape[0])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+        for ax, imgs, title in ((axes[0], x[:k], f"{name}, NFE {si.nfe}"), (axes[1], data[:k], "exact data")):
+            ax.imshow(_image_grid(imgs.cpu().numpy()), cmap="gray", interpolation="nearest")
+            ax.set_title(title, fontsize=10)
+            ax.axis("off")
+    else:
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# diffsolve demo
+# ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    solver_names = [ds.get_solver(s).name for s in args.solvers]
+    t_start = time.perf_counter()
+    ref, proc = ds.GaussianMixture.toy2d(), ds.VPDiscrete.linear(1000)
+    den = ref.denoiser(proc, "x0")
+    noise, _ = _noise_and_seeds(args.n, ref.shape, args.seed)
+    data = ref.sample(args.n, torch.Generator().manual_seed(args.seed))
+    tg = _exact(ref, proc, noise, args.quiet)
+    exact = {"logp_per_dim_exact_ode": _logp_per_dim(ref, tg.denoised),
+             "logp_per_dim_exact_data": _logp_per_dim(ref, data)}
+
+    runs: List[Dict[str, Any]] = []
+    samples = {}
+    jobs = [(nfe, s) for nfe in args.nfe for s in solver_names]
+    for nfe, s in tqdm(jobs, desc="demo", unit="run", disable=args.quiet, leave=False):
+        x, si = ds.sample(den, noise, solver=s, nfe=nfe, spacing=args.spacing, return_info=True)
+        samples[(nfe, s)] = x.numpy()
+        runs.append({"solver": s, "nfe_budget": nfe, "nfe": si.nfe, "steps": si.steps,
+                     "rmse_vs_exact_ode": _rmse(x, tg.denoised),
+                     "llgap_per_dim": _llgap(ref, x, tg.denoised, proc)})
+
+    plt = _pyplot()
+    rows, cols = len(args.nfe), len(solver_names)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.95 * rows), squeeze=False)
+    lim = 1.25 * float(data.abs().max())
+    for r in runs:
+        ax = axes[args.nfe.index(r["nfe_budget"])][solver_names.index(r["solver"])]
+        r["off_panel"] = _scatter(ax, data.numpy(), samples[(r["nfe_budget"], r["solver"])], lim,
+                                  color=f"C{solver_names.index(r['solver'])}")
+        off = f", {r['off_panel']}/{args.n} off-panel" if r["off_panel"] else ""
+        ax.set_title(f"{r['solver']}  NFE {r['nfe']}\nRMSE {r['rmse_vs_exact_ode']:.3g}  "
+                     f"llgap/d {r['llgap_per_dim']:.2g}{off}", fontsize=8.5)
+    fig.suptitle(f"toy 2-D mixture, DDPM linear VP, {args.spacing} grid, {args.n} samples from the same noise "
+                 "(grey: exact data; RMSE vs the exact ODE solution)", fontsize=10)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "demo.png", dpi=110)
+    plt.close(fig)
+    wall = time.perf_counter() - t_start
+    _write_json(out / "demo.json", {
+        "reference": "toy2d", "process": proc.config(), "spacing": args.spacing, "final": "denoise",
+        "n": args.n, "seed": args.seed, "exact": exact, "runs": runs, "wall_s": round(wall, 2),
+        "metrics": {"rmse_vs_exact_ode": "RMSE against the exact ODE solution from the same noise",
+                    "llgap_per_dim": "[mean log p(exact ODE samples) - mean log p(samples)] / dim under the "
+                                     "true mixture (0 is exact; positive: samples less likely, off the data)"},
+        "version": ds.__version__,
+    })
+
+    print(f"{'solver':<14} {'NFE':>4} {'steps':>5} {'RMSE':>10} {'llgap/dim':>10}")
+    for r in runs:
+        print(f"{r['solver']:<14} {r['nfe']:>4} {r['steps']:>5} {r['rmse_vs_exact_ode']:>10.4g} "
+              f"{r['llgap_per_dim']:>10.3g}")
+    print(f"wrote {out / 'demo.png'} and {out / 'demo.json'} in {wall:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------------------
+def _choices_help(table: Dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {v[0]}" for k, v in table.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffsolve", description="Fast samplers for frozen diffusion and flow "
+                                "models, checked against an exact Gaussian-mixture reference.")
+    p.add_argument("--version", action="version", version=f"diffsolve {ds.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("solvers", help="list every solver (name, order, NFE rule, paper)")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table (name | order | NFE rule | paper)")
+    s.set_defaults(func=cmd_solvers)
+
+    s = sub.add_parser("sample", help="sample the exact reference model and score it against the exact ODE")
+    s.add_argument("--solver", default="dpm++2m", help="a name from `diffsolve solvers` (default: %(default)s)")
+    s.add_argument("--nfe", type=int, default=10, help="budget of network evaluations (default: %(default)s)")
+    s.add_argument("--process", choices=list(PROCESSES), default="vp-linear",
+                   help=_choices_help(PROCESSES) + " (default: %(default)s)")
+    s.add_argument("--spacing", choices=list(ds.timesteps.SPACINGS), default="logsnr",
+                   help="time-step spacing (default: %(default)s)")
+    s.add_argument("--final", choices=list(ds.timesteps.FINALS), default="denoise",
+                   help="last step: jump to clean data with the denoiser, or stop at t_min (default: %(default)s)")
+    s.add_argument("--reference", choices=list(REFERENCES), default="toy2d",
+                   help=_choices_help(REFERENCES) + " (default: %(default)s)")
+    s.add_argument("--prediction", choices=PREDICTIONS, default="x0",
+                   help="what the exact model outputs, to exercise the adapter (default: %(default)s)")
+    s.add_argument("--n", type=int, default=512, help="number of samples (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed, one generator per sample (default: %(default)s)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="solver option, repeatable (e.g. order=3, eta=0.5, lower_order_final=False)")
+    s.add_argument("--exact-samples", type=int, default=None, metavar="M",
+                   help=f"score the first M samples against the exact ODE (default: all, up to "
+                        f"{EXACT_BUDGET} numbers in total; 0 skips)")
+    s.add_argument("--model", default=None, help="a checkpoint to sample (reserved; not supported yet)")
+    s.add_argument("--out", default="out/sample", help="output folder (default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("demo", help="compare solvers on the 2-D toy mixture (writes demo.png and demo.json)")
+    s.add_argument("--out", default="out", help="output folder (default: %(default)s)")
+    s.add_argument("--n", type=int, default=1000, help="number of samples (default: %(default)s)")
+    s.add_argument("--nfe", type=int, nargs="+", default=[5, 10], help="NFE budgets, one row each (default: 5 10)")
+    s.add_argument("--solvers", nargs="+", default=list(DEMO_SOLVERS), help="solvers, one column each (default: %s)" % " ".join(DEMO_SOLVERS))
+    s.add_argument("--spacing", choices=list(ds.timesteps.SPACINGS), default="logsnr",
+                   help="time-step spacing (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input, as reported by the CLI or the library (incl. SamplingError)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,28 +103,47 @@ class Denoiser:
 
     def predict(self, x: Tensor, t: Union[float, Tensor], **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Return (x0, eps) at state ``x`` (any dtype) and process time ``t`` (scalar or [B])."""
+        pred = self.predict_lazy(x, t, kwargs)
+        return pred.x0, pred.eps
+
+    def predict_lazy(self, x: Tensor, t: Union[float, Tensor], model_kwargs: Mapping[str, Any],
+                     coeffs: Optional[tuple] = None) -> "Prediction":
+        """One network evaluation as a ``Prediction`` whose x0 / eps are converted on first use.
+
+        ``coeffs`` = (alpha, sigma) floats at a scalar ``t`` when the caller already has them.
+        """
         sd = _state_dtype(x.device)
         t = torch.as_tensor(t, dtype=torch.float64)
-        shape = (-1,) + (1,) * (x.dim() - 1)
         p = self.process
-        a = p.alpha(t).to(device=x.device, dtype=sd)
-        s = p.sigma(t).to(device=x.device, dtype=sd)
-        if t.dim():
-            a, s = a.reshape(shape), s.reshape(shape)
+        if coeffs is not None and not t.dim():
+            a, s = coeffs
+        else:
+            a = p.alpha(t).to(device=x.device, dtype=sd)
+            s = p.sigma(t).to(device=x.device, dtype=sd)
+            if t.dim():
+                shape = (-1,) + (1,) * (x.dim() - 1)
+                a, s = a.reshape(shape), s.reshape(shape)
         x = x.to(sd)
         if self.prediction == "edm":
             c = edm_coefficients(s / a, self.sigma_data)
-            raw = self._call_net(x / a * c["c_in"], t, kwargs).to(sd)
-            x0 = c["c_skip"] * (x / a) + c["c_out"] * raw
-            eps = (x - a * x0) / s
-        else:
-            out = self._call_net(x, t, kwargs).to(sd)
-            x0, eps = self.convert(out, x, t, a, s)
-        if self.check_finite and not (torch.isfinite(x0).all() and torch.isfinite(eps).all()):
+            raw = self._call_net(x * (c["c_in"] / a), t, model_kwargs).to(sd)
+            self._check(raw, t)
+            return Prediction(x, a, s, x0=c["c_skip"] * (x / a) + c["c_out"] * raw)
+        out = self._call_net(x, t, model_kwargs).to(sd)
+        self._check(out, t)
+        if self.prediction == "epsilon":
+            return Prediction(x, a, s, eps=out)
+        if self.prediction == "x0":
+            return Prediction(x, a, s, x0=out)
+        x0, eps = self.convert(out, x, t, a, s)
+        return Prediction(x, a, s, x0=x0, eps=eps)
+
+    def _check(self, out: Tensor, t: Tensor) -> None:
+        # one reduction: NaN and inf propagate into the sum
+        if self.check_finite and not torch.isfinite(out.sum()):
             tv = t.flatten()[0].item()
             raise NonFiniteError(f"network output is not finite at t={tv:.6g} (model time "
                                  f"{float(torch.as_tensor(self.model_time(t)).flatten()[0]):.6g})")
-        return x0, eps
 
     def convert(self, out: Tensor, x: Tensor, t: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """Map a raw network output in this adapter's parameterisation to (x0, eps)."""
@@ -149,6 +168,40 @@ class Denoiser:
     def __call__(self, x: Tensor, t, **kwargs) -> Tensor:
         """The denoised estimate x0(x, t)."""
         return self.predict(x, t, **kwargs)[0]
+
+
+class Prediction:
+    """A model evaluation at state x with coefficients (alpha, sigma); x0 and eps are derived lazily
+    from whichever the network gave (x = alpha x0 + sigma eps), so solvers pay only for what they use."""
+
+    __slots__ = ("x", "alpha", "sigma", "_x0", "_eps")
+
+    def __init__(self, x: Tensor, alpha, sigma, x0: Optional[Tensor] = None, eps: Optional[Tensor] = None):
+        self.x, self.alpha, self.sigma, self._x0, self._eps = x, alpha, sigma, x0, eps
+
+    @property
+    def native(self) -> str:
+        """'x0' or 'eps': the form that needs no conversion."""
+        return "x0" if self._eps is None else "eps"
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._x0 = _affine(self.x, self._eps, -self.sigma, self.alpha)
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._eps = _affine(self.x, self._x0, -self.alpha, self.sigma)
+        return self._eps
+
+
+def _affine(x: Tensor, y: Tensor, c, d) -> Tensor:
+    """(x + c y) / d in two passes (c, d floats or broadcastable tensors)."""
+    if isinstance(c, Tensor):
+        return (x + c * y) / d
+    return torch.add(x, y, alpha=c).div_(d)
 
 
 def outputs_from(x0: Tensor, eps: Tensor, process: NoiseProcess, t: Tensor, prediction: str) -> Tensor:

@@ -136,6 +136,10 @@ class VPDiscrete(NoiseProcess):
         self.prior_scale = 1.0
         lam = self.log_alpha_grid - 0.5 * torch.log1p(-ac)
         self._lam_grid = lam
+        #: named schedule and its arguments (set by the named constructors) so that ``config()``
+        #: round-trips; ``None`` means the raw alphas_cumprod go into the config instead
+        self.schedule: Optional[str] = None
+        self.schedule_kwargs: dict = {}
 
     # constructors ------------------------------------------------------------------
     @classmethod
@@ -152,20 +156,25 @@ class VPDiscrete(NoiseProcess):
     @classmethod
     def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> "VPDiscrete":
         """DDPM linear betas (Ho et al. 2020)."""
-        return cls.from_betas(torch.linspace(beta_start, beta_end, n, dtype=torch.float32).to(DT))
+        p = cls.from_betas(torch.linspace(beta_start, beta_end, n, dtype=torch.float32).to(DT))
+        return p._named("linear", beta_start=beta_start, beta_end=beta_end)
 
     @classmethod
     def scaled_linear(cls, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "VPDiscrete":
         """Latent-diffusion 'scaled linear' betas (linear in sqrt(beta))."""
         b = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-        return cls.from_betas(b.to(DT))
+        return cls.from_betas(b.to(DT))._named("scaled_linear", beta_start=beta_start, beta_end=beta_end)
 
     @classmethod
     def cosine(cls, n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "VPDiscrete":
         """Improved-DDPM cosine schedule (Nichol & Dhariwal 2021), betas clipped at max_beta."""
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         b = [min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)]
-        return cls.from_betas(b)
+        return cls.from_betas(b)._named("cosine", s=s, max_beta=max_beta)
+
+    def _named(self, schedule: str, **kwargs) -> "VPDiscrete":
+        self.schedule, self.schedule_kwargs = schedule, {k: float(v) for k, v in kwargs.items()}
+        return self
 
     # interpolation -----------------------------------------------------------------
     def _log_alpha(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,7 +218,16 @@ class VPDiscrete(NoiseProcess):
         return t.clamp(0, self.t_max).reshape(log_alpha.shape)
 
     def config(self):
-        return {"type": "VPDiscrete", "num_train_timesteps": self.num_train_timesteps}
+        cfg = {"type": "VPDiscrete", "num_train_timesteps": self.num_train_timesteps}
+        if self.schedule is not None:
+            cfg.update(schedule=self.schedule, **self.schedule_kwargs)
+        else:  # no named schedule: the exact float64 values (JSON floats round-trip exactly)
+            cfg["alphas_cumprod"] = [float(v) for v in self.alphas_cumprod]
+        return cfg
+
+    def __repr__(self) -> str:
+        args = {k: v for k, v in self.config().items() if k not in ("type", "alphas_cumprod")}
+        return "VPDiscrete(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
 
 
 class VPContinuous(NoiseProcess):
@@ -445,9 +463,11 @@ def process_from_config(cfg: dict) -> NoiseProcess:
             return VPDiscrete(cfg["alphas_cumprod"])
         if "betas" in cfg:
             return VPDiscrete.from_betas(cfg["betas"])
-        sched = cfg.get("schedule", "linear")
-        n = cfg.get("num_train_timesteps", 1000)
-        return getattr(VPDiscrete, sched)(n)
+        sched = cfg.pop("schedule", "linear")
+        n = cfg.pop("num_train_timesteps", 1000)
+        if sched not in ("linear", "scaled_linear", "cosine"):
+            raise ValueError(f"unknown VPDiscrete schedule {sched!r}; use linear, scaled_linear or cosine")
+        return getattr(VPDiscrete, sched)(n, **cfg)
     if kind == "VPContinuous":
         return VPContinuous(**cfg)
     if kind in PROCESSES:

@@ -35,7 +35,7 @@ def pndm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
     for i in range(grid.steps):
         p0 = ev.at(x, grid, i)
         if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0.x0)
+            x = ev.finish_step(i, p0.x0, grid, p0)
             continue
         a_t, s_t, _ = grid_point(grid, i + 1)
         eps_hist = (eps_hist + [p0.eps])[-4:]
@@ -45,23 +45,23 @@ def pndm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
         else:
             coef = AB[len(eps_hist)]
             e = sum(c * eps for c, eps in zip(coef, reversed(eps_hist)))
-        x = ev.finish_step(i, ve_transfer(x, p0, a_t, s_t, e), grid, p0.x0)
+        x = ev.finish_step(i, ve_transfer(x, p0, a_t, s_t, e), grid, p0)
     return x
 
 
 def _variable(ev: Evaluator, variable: str):
-    """(node value of a point, d sigma_ve / du as a numpy function) for the interpolation variable u."""
+    """(u(t, lambda, sigma_ve), d sigma_ve / du as a numpy function) for the interpolation variable u."""
     proc = ev.den.process
     if variable == "lambda":
-        return (lambda p: p.lam), (lambda u: -np.exp(-u))
+        return (lambda t, lam, sv: lam), (lambda u: -np.exp(-u))
     if variable == "sigma":
-        return (lambda p: p.sigma_ve), (lambda u: np.ones_like(u))
+        return (lambda t, lam, sv: sv), (lambda u: np.ones_like(u))
     if variable == "t":
         def dsig(u):
             t = torch.from_numpy(np.asarray(u, dtype=np.float64))
             a, s = proc.alpha(t), proc.sigma(t)
             return ((proc.d_sigma(t) * a - s * proc.d_alpha(t)) / a**2).numpy()
-        return (lambda p: p.t), dsig
+        return (lambda t, lam, sv: t), dsig
     raise ValueError(f"variable must be 'lambda', 't' or 'sigma', got {variable!r}")
 
 
@@ -76,8 +76,8 @@ def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
         pts = hist[-k:]
-        target = Point(float(grid.t[i + 1]), lam_t, a_t, s_t, x, x, x)
-        w = lagrange_weights([node(p) for p in pts], node(p0), node(target), dsig)
+        u = lambda p: node(p.t, p.lam, p.sigma_ve)
+        w = lagrange_weights([u(p) for p in pts], u(p0), node(float(grid.t[i + 1]), lam_t, s_t / a_t), dsig)
         e = sum(float(wj) * p.eps for wj, p in zip(w, pts))
         return (a_t / p0.alpha) * x + a_t * e
 

@@ -17,13 +17,12 @@ x <- x0(x_s, s): the one last-step rule shared by every solver.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser, NonFiniteError
+from ..denoiser import Denoiser, NonFiniteError, Prediction
 from ..timesteps import TimeGrid
 
 Tensor = torch.Tensor
@@ -65,17 +64,25 @@ def h_phi(k: int, h: Tensor, sign: float) -> Tensor:
 # ----------------------------------------------------------------------------------------
 # evaluation points and the model call
 # ----------------------------------------------------------------------------------------
-@dataclass
 class Point:
-    """One model evaluation: where, and what the model said (x0 and eps, float64)."""
+    """One model evaluation: where (t, lambda, alpha, sigma, state x) and what the model said.
 
-    t: float
-    lam: float
-    alpha: float
-    sigma: float
-    x: Tensor
-    x0: Tensor
-    eps: Tensor
+    ``x0`` and ``eps`` come from the lazy ``Prediction`` (float64). ``x`` may be replaced by a
+    corrector after the evaluation; the prediction keeps the state it was made at.
+    """
+
+    __slots__ = ("t", "lam", "alpha", "sigma", "x", "pred")
+
+    def __init__(self, t: float, lam: float, alpha: float, sigma: float, x: Tensor, pred: Prediction):
+        self.t, self.lam, self.alpha, self.sigma, self.x, self.pred = t, lam, alpha, sigma, x, pred
+
+    @property
+    def x0(self) -> Tensor:
+        return self.pred.x0
+
+    @property
+    def eps(self) -> Tensor:
+        return self.pred.eps
 
     @property
     def sigma_ve(self) -> float:
@@ -93,29 +100,34 @@ class Evaluator:
         self.nfe = 0
         self.step = 0
 
-    def __call__(self, x: Tensor, t: float) -> Point:
-        p = self.den.process
-        tt = torch.tensor(float(t), dtype=torch.float64)
+    def __call__(self, x: Tensor, t: float, coeffs: Optional[tuple] = None) -> Point:
+        """Evaluate at process time t; ``coeffs`` = (alpha, sigma, lambda) if already known."""
+        if coeffs is None:
+            p = self.den.process
+            tt = torch.tensor(float(t), dtype=torch.float64)
+            coeffs = (float(p.alpha(tt)), float(p.sigma(tt)), float(p.lam(tt)))
+        a, s, lam = coeffs
         try:
-            x0, eps = self.den.predict(x, tt, **self.kwargs)
+            pred = self.den.predict_lazy(x, float(t), self.kwargs, (a, s))
         except NonFiniteError as e:
             raise SamplingError(f"step {self.step}: {e}") from None
         self.nfe += 1
         if self.progress is not None:
             self.progress.update(1)
-        return Point(float(t), float(p.lam(tt)), float(p.alpha(tt)), float(p.sigma(tt)), x, x0, eps)
+        return Point(float(t), lam, a, s, x, pred)
 
     def at(self, x: Tensor, grid: TimeGrid, i: int) -> Point:
-        return self(x, float(grid.t[i]))
+        return self(x, float(grid.t[i]), grid_point(grid, i))
 
-    def finish_step(self, i: int, x: Tensor, grid: TimeGrid, denoised: Optional[Tensor] = None) -> Tensor:
-        """Common bookkeeping after step i -> i+1: finiteness check and user callback."""
-        if not torch.isfinite(x).all():
+    def finish_step(self, i: int, x: Tensor, grid: TimeGrid, point: Optional[Point] = None) -> Tensor:
+        """Common bookkeeping after step i -> i+1: finiteness check (one reduction) and user callback."""
+        if not torch.isfinite(x.sum()):
             t_next = "clean" if grid.is_clean(i + 1) else f"t={float(grid.t[i + 1]):.6g}"
             raise SamplingError(f"state became non-finite at step {i} ({float(grid.t[i]):.6g} -> {t_next}); "
                                 "try more NFE, another grid, or a lower-order solver")
         self.step = i + 1
         if self.callback is not None:
+            denoised = point.x0 if point is not None else None
             self.callback({"i": i, "x": x, "t": float(grid.t[i + 1]), "denoised": denoised})
         return x
 
@@ -131,16 +143,34 @@ def exp_step(x: Tensor, s: Point, alpha_t: float, sigma_t: float, lam_t: float,
     sum_k c_k (lam - lam_s)^k / k!  (c_0 = model output at s).  ``form`` is 'data' (x0) or
     'noise' (eps).  Returns x_t exactly for that polynomial model.
     """
-    h = torch.tensor(lam_t - s.lam, dtype=torch.float64)
-    if form == "data":
-        out = (sigma_t / s.sigma) * x
-        for k, c in enumerate(terms):
-            out = out + alpha_t * float(h_phi(k + 1, h, -1.0)) * c
-        return out
-    out = (alpha_t / s.alpha) * x
-    for k, c in enumerate(terms):
-        out = out - sigma_t * float(h_phi(k + 1, h, 1.0)) * c
+    cx, scale = exp_frame(s, alpha_t, sigma_t, form)
+    w = exp_coefficients(lam_t - s.lam, len(terms), form)
+    return lincomb([(cx, x)] + [(scale * wk, c) for wk, c in zip(w, terms)])
+
+
+def lincomb(pairs: Sequence[tuple]) -> Tensor:
+    """sum_j c_j * T_j with one fused pass per term (c_j floats, T_j same-shape tensors)."""
+    (c0, t0), *rest = pairs
+    out = torch.mul(t0, c0)
+    for c, t in rest:
+        if c != 0.0:
+            out.add_(t, alpha=c)
     return out
+
+
+def exp_coefficients(h: float, order: int, form: str) -> List[float]:
+    """[h^1 phi_1, ..., h^order phi_order] at -h (data form) or +h (noise form), as floats."""
+    ht = torch.tensor(h, dtype=torch.float64)
+    sign = -1.0 if form == "data" else 1.0
+    return [float(h_phi(k, ht, sign)) for k in range(1, order + 1)]
+
+
+def exp_frame(s: "Point", alpha_t: float, sigma_t: float, form: str) -> tuple[float, float]:
+    """(coefficient of x_s, signed scale of the model terms) of an exponential step s -> t:
+    data form x_t = (sigma_t/sigma_s) x_s + alpha_t * (...), noise form x_t = (alpha_t/alpha_s) x_s - sigma_t * (...)."""
+    if form == "data":
+        return sigma_t / s.sigma, alpha_t
+    return alpha_t / s.alpha, -sigma_t
 
 
 def lagrange_weights(nodes: Sequence[float], a: float, b: float,
@@ -240,7 +270,7 @@ def run_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, update: UpdateFn, or
             k = step_order(i, grid.steps, order, lof)
             x = update(x, i, hist, k)
             prev_order = k
-        x = ev.finish_step(i, x, grid, pt.x0)
+        x = ev.finish_step(i, x, grid, pt)
     return x
 
 

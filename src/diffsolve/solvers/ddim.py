@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from .core import Evaluator, Noise, Point, grid_point, run_multistep
+from .core import Evaluator, Noise, Point, exp_step, grid_point, run_multistep
 
 Tensor = torch.Tensor
 
@@ -23,8 +23,9 @@ def ddim(ev: Evaluator, x: Tensor, grid, noise: Noise, eta: float = 0.0) -> Tens
     def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p = hist[-1]
-        if eta == 0:
-            return a_t * p.x0 + s_t * p.eps
+        if eta == 0:  # first-order exponential step in whichever form the model gave
+            return exp_step(x, p, a_t, s_t, lam_t, [p.pred.x0 if p.pred.native == "x0" else p.eps],
+                            "data" if p.pred.native == "x0" else "noise")
         s_eta = eta * s_t * math.sqrt(-math.expm1(-2.0 * (lam_t - p.lam)))
         s_eta = min(s_eta, s_t)
         return a_t * p.x0 + math.sqrt(s_t**2 - s_eta**2) * p.eps + s_eta * noise.like(x)

@@ -16,7 +16,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .core import Evaluator, Noise, Point, exp_step, grid_point, h_phi, run_multistep
+import numpy as np
+
+from .core import (Evaluator, Noise, Point, exp_coefficients, exp_frame, exp_step, grid_point, h_phi, lincomb,
+                   run_multistep)
 
 Tensor = torch.Tensor
 
@@ -26,29 +29,32 @@ def _out(p: Point, form: str) -> Tensor:
 
 
 def multistep_update(form: str, taylor3: bool = True):
-    """Update rule of DPM-Solver(-++) multistep of order k <= 3 on the history (newest last)."""
+    """Update rule of DPM-Solver(-++) multistep of order k <= 3 on the history (newest last).
+
+    The differences D1, D2 of the papers are linear in the stored outputs, so the step is written as
+    one linear combination x_t = c_x x + sum_j w_j m_j (one fused pass per term).
+    """
 
     def update(x: Tensor, i: int, hist: List[Point], k: int, grid) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
         h = lam_t - p0.lam
-        m0 = _out(p0, form)
+        cx, scale = exp_frame(p0, a_t, s_t, form)
+        pts = hist[-k:][::-1]  # newest first: m0, m1, m2
+        w = exp_coefficients(h, 3 if k == 3 else 1, form)
         if k == 1:
-            return exp_step(x, p0, a_t, s_t, lam_t, [m0], form)
-        p1 = hist[-2]
-        r0 = (p0.lam - p1.lam) / h
-        d1_0 = (m0 - _out(p1, form)) / r0
-        if k == 2:
-            # 'midpoint' variant: the first difference weighted with h*phi_1/2 instead of h^2 phi_2
-            first = float(exp_weight(h, 1, form)) * 0.5
-            return exp_step(x, p0, a_t, s_t, lam_t, [m0], form) - _sign(form) * _scale(a_t, s_t, form) * first * d1_0
-        p2 = hist[-3]
-        r1 = (p1.lam - p2.lam) / h
-        d1_1 = (_out(p1, form) - _out(p2, form)) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        c2 = (2.0 if taylor3 else 1.0) * d2 / h**2
-        return exp_step(x, p0, a_t, s_t, lam_t, [m0, d1 / h, c2], form)
+            coef = np.array([w[0]])
+        elif k == 2:  # 'midpoint' variant: D1 weighted by h phi_1 / 2
+            r0 = (p0.lam - pts[1].lam) / h
+            coef = np.array([w[0] * (1 + 0.5 / r0), -w[0] * 0.5 / r0])
+        else:
+            r0, r1 = (p0.lam - pts[1].lam) / h, (pts[1].lam - pts[2].lam) / h
+            d1_0 = np.array([1 / r0, -1 / r0, 0.0])
+            d1_1 = np.array([0.0, 1 / r1, -1 / r1])
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            coef = w[0] * np.array([1.0, 0, 0]) + w[1] * d1 / h + w[2] * (2.0 if taylor3 else 1.0) * d2 / h**2
+        return lincomb([(cx, x)] + [(scale * float(c), _out(p, form)) for c, p in zip(coef, pts)])
 
     return update
 
@@ -131,7 +137,7 @@ def dpm_singlestep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2,
     for i, k in enumerate(orders):
         p0 = ev.at(x, grid, i)
         if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0.x0)
+            x = ev.finish_step(i, p0.x0, grid, p0)
             continue
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         h = lam_t - p0.lam
@@ -158,5 +164,5 @@ def dpm_singlestep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2,
             x_new = first - sign * _scale(a_t, s_t, form) * float(exp_weight(h, 2, form)) / h / r2 * d2
         else:
             raise ValueError(f"singlestep order must be 1, 2 or 3, got {k}")
-        x = ev.finish_step(i, x_new, grid, p0.x0)
+        x = ev.finish_step(i, x_new, grid, p0)
     return x

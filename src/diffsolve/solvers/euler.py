@@ -50,7 +50,7 @@ def heun(ev: Evaluator, x: Tensor, grid, noise: Noise, second_order: bool = True
     for i in range(grid.steps):
         p0 = ev.at(x, grid, i)
         if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0.x0)
+            x = ev.finish_step(i, p0.x0, grid, p0)
             continue
         a_t, s_t, _ = grid_point(grid, i + 1)
         t_next = float(grid.t[i + 1])
@@ -60,7 +60,7 @@ def heun(ev: Evaluator, x: Tensor, grid, noise: Noise, second_order: bool = True
         if second_order:
             p1 = ev(view.to_x(y_next, a_t), t_next)
             y_next = view.to_y(x, p0.alpha) + dv * 0.5 * (d0 + view.derivative(p1))
-        x = ev.finish_step(i, view.to_x(y_next, a_t), grid, p0.x0)
+        x = ev.finish_step(i, view.to_x(y_next, a_t), grid, p0)
     return x
 
 
@@ -73,11 +73,11 @@ def euler_maruyama(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
     for i in range(grid.steps):
         p0 = ev.at(x, grid, i)
         if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0.x0)
+            x = ev.finish_step(i, p0.x0, grid, p0)
             continue
         t = torch.tensor(p0.t, dtype=torch.float64)
         dt = float(grid.t[i + 1]) - p0.t  # negative
         f, g2 = float(p.drift(t)), float(p.diffusion2(t))
         x_new = x + (f * x + g2 * p0.eps / p0.sigma) * dt + math.sqrt(max(g2, 0.0) * -dt) * noise.like(x)
-        x = ev.finish_step(i, x_new, grid, p0.x0)
+        x = ev.finish_step(i, x_new, grid, p0)
     return x

@@ -14,13 +14,13 @@ from typing import List, Optional
 
 import torch
 
-from .core import Evaluator, Noise, Point, grid_point, run_multistep
+from .core import Evaluator, Noise, Point, exp_coefficients, exp_frame, grid_point, lincomb, run_multistep
 
 Tensor = torch.Tensor
 
 
-def _coefficients(h: float, rks: List[float], order: int, form: str, variant: str):
-    """hphi_1, B(h) and the UniPC linear system (R, b) of size ``order``."""
+def _system(h: float, rks: List[float], order: int, form: str, variant: str):
+    """The UniPC linear system (R, b) of size ``order`` for the points r_k (last one 1)."""
     hh = -h if form == "data" else h
     hphi_1 = math.expm1(hh)
     hphi_k = hphi_1 / hh - 1
@@ -31,22 +31,31 @@ def _coefficients(h: float, rks: List[float], order: int, form: str, variant: st
         b.append(hphi_k * fact / b_h)
         fact *= i + 1
         hphi_k = hphi_k / hh - 1 / fact
-    return hphi_1, b_h, torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
 
 
 def _out(p: Point, form: str) -> Tensor:
     return p.x0 if form == "data" else p.eps
 
 
-def _first_order(x: Tensor, p0: Point, a_t: float, s_t: float, hphi_1: float, form: str) -> Tensor:
-    if form == "data":
-        return (s_t / p0.sigma) * x - a_t * hphi_1 * p0.x0
-    return (a_t / p0.alpha) * x - s_t * hphi_1 * p0.eps
-
-
-def _differences(ref: Point, others: List[Point], h: float, form: str):
-    rks = [(p.lam - ref.lam) / h for p in others]
-    return rks, [(_out(p, form) - _out(ref, form)) / r for p, r in zip(others, rks)]
+def _step(x: Tensor, p0: Point, others: List[Point], rhos: List[float], a_t: float, s_t: float, h: float,
+          form: str, variant: str, new: Optional[Point] = None, rho_new: float = 0.0) -> Tensor:
+    """x_t = x_t^(1) + c B(h) [sum_k rho_k (m_k - m0)/r_k + rho_new (m_new - m0)] as one linear combination."""
+    cx, scale = exp_frame(p0, a_t, s_t, form)
+    w0 = exp_coefficients(h, 1, form)[0]
+    hh = -h if form == "data" else h
+    res = -abs(scale) * (hh if variant == "bh1" else math.expm1(hh))
+    pairs = [(cx, x)]
+    c0 = scale * w0
+    for p, rho in zip(others, rhos):
+        r = (p.lam - p0.lam) / h
+        pairs.append((res * rho / r, _out(p, form)))
+        c0 -= res * rho / r
+    if new is not None:
+        pairs.append((res * rho_new, _out(new, form)))
+        c0 -= res * rho_new
+    pairs.insert(1, (c0, _out(p0, form)))
+    return lincomb(pairs)
 
 
 def unipc(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, variant: str = "bh2",
@@ -62,25 +71,25 @@ def unipc(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, variant:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
         h = lam_t - p0.lam
-        rks, d1s = _differences(p0, hist[-k:-1][::-1], h, form)
-        hphi_1, b_h, R, b = _coefficients(h, rks + [1.0], k, form, variant)
-        x_t = _first_order(x, p0, a_t, s_t, hphi_1, form)
-        if k == 1:
-            return x_t
-        rho = [0.5] if k == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-        scale = a_t if form == "data" else s_t
-        return x_t - scale * b_h * sum(r * d for r, d in zip(rho, d1s))
+        others = hist[-k:-1][::-1]
+        rhos: List[float] = []
+        if k == 2:
+            rhos = [0.5]
+        elif k == 3:
+            R, b = _system(h, [(p.lam - p0.lam) / h for p in others] + [1.0], k, form, variant)
+            rhos = torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return _step(x, p0, others, rhos, a_t, s_t, h, form, variant)
 
     def correct(x: Tensor, hist: List[Point], k: int) -> Tensor:
         new, p0 = hist[-1], hist[-2]
         h = new.lam - p0.lam
-        rks, d1s = _differences(p0, hist[-k - 1:-2][::-1], h, form)
-        hphi_1, b_h, R, b = _coefficients(h, rks + [1.0], k, form, variant)
-        rho = [0.5] if k == 1 else torch.linalg.solve(R, b).tolist()
-        x_t = _first_order(p0.x, p0, new.alpha, new.sigma, hphi_1, form)
-        scale = new.alpha if form == "data" else new.sigma
-        res = sum(r * d for r, d in zip(rho[:-1], d1s)) + rho[-1] * (_out(new, form) - _out(p0, form))
-        return x_t - scale * b_h * res
+        others = hist[-k - 1:-2][::-1]
+        if k == 1:
+            rhos = [0.5]
+        else:
+            R, b = _system(h, [(p.lam - p0.lam) / h for p in others] + [1.0], k, form, variant)
+            rhos = torch.linalg.solve(R, b).tolist()
+        return _step(p0.x, p0, others, rhos[:-1], new.alpha, new.sigma, h, form, variant, new, rhos[-1])
 
     return run_multistep(ev, x, grid, predict, order, lower_order_final, history=order + 1,
                          correct=correct if corrector else None)

