@@ -209,8 +209,10 @@ class Noise:
             return torch.randn_like(x)
         if len(self.generators) != x.shape[0]:
             raise SamplingError(f"{len(self.generators)} generators for a batch of {x.shape[0]}")
-        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64, device=g.device)
-                            for g in self.generators]).to(x)
+        out = torch.empty_like(x)
+        for row, g in zip(out, self.generators):  # fill in place: no per-sample temporaries
+            row.normal_(generator=g)
+        return out
 
 
 def generators_from_seeds(seeds: Sequence[int], device: Union[str, torch.device] = "cpu") -> List[torch.Generator]:
