@@ -103,7 +103,7 @@ class Denoiser:
 
     def predict(self, x: Tensor, t: Union[float, Tensor], **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Return (x0, eps) at state ``x`` (any dtype) and process time ``t`` (scalar or [B])."""
-        pred = self.predict_lazy(x, t, kwargs)
+        pred = self.predict_lazy(x.to(_state_dtype(x.device)), t, kwargs)
         return pred.x0, pred.eps
 
     def predict_lazy(self, x: Tensor, t: Union[float, Tensor], model_kwargs: Mapping[str, Any],
@@ -111,8 +111,9 @@ class Denoiser:
         """One network evaluation as a ``Prediction`` whose x0 / eps are converted on first use.
 
         ``coeffs`` = (alpha, sigma) floats at a scalar ``t`` when the caller already has them.
+        Arithmetic happens in ``x.dtype`` (the solver state); the network runs in ``self.dtype``.
         """
-        sd = _state_dtype(x.device)
+        sd = x.dtype  # the solver's state dtype (float64 unless the caller chose otherwise)
         t = torch.as_tensor(t, dtype=torch.float64)
         p = self.process
         if coeffs is not None and not t.dim():
@@ -123,7 +124,6 @@ class Denoiser:
             if t.dim():
                 shape = (-1,) + (1,) * (x.dim() - 1)
                 a, s = a.reshape(shape), s.reshape(shape)
-        x = x.to(sd)
         if self.prediction == "edm":
             c = edm_coefficients(s / a, self.sigma_data)
             raw = self._call_net(x * (c["c_in"] / a), t, model_kwargs).to(sd)
@@ -159,9 +159,11 @@ class Denoiser:
             eps = -s * out
             return (x - s * eps) / a, eps
         # velocity u = a' x0 + s' eps
-        shape = a.shape
-        da = self.process.d_alpha(t).to(a).reshape(shape)
-        ds_ = self.process.d_sigma(t).to(a).reshape(shape)
+        da, ds_ = self.process.d_alpha(t), self.process.d_sigma(t)
+        if isinstance(a, Tensor):
+            da, ds_ = da.to(a).reshape(a.shape), ds_.to(a).reshape(a.shape)
+        else:  # float coefficients from predict_lazy at a scalar t
+            da, ds_ = float(da), float(ds_)
         det = a * ds_ - s * da
         return (ds_ * x - s * out) / det, (a * out - da * x) / det
 

@@ -35,7 +35,8 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
            final: str = "denoise", seeds: Optional[Sequence[int]] = None,
            generators: Optional[Sequence[torch.Generator]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
            callback: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = False,
-           return_info: bool = False, scale_noise: bool = True, **options: Any):
+           return_info: bool = False, scale_noise: bool = True, dtype: Optional[torch.dtype] = None,
+           **options: Any):
     """Sample from a frozen model in at most ``nfe`` network evaluations.
 
     Args:
@@ -53,6 +54,8 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         callback: called after every step with {'i', 'x', 't', 'denoised'}.
         progress: show a progress bar over network evaluations.
         return_info: also return a ``SampleInfo`` (NFE used, grid, options).
+        dtype: dtype of the solver state (default float64; float32 on MPS). float32 roughly halves the
+            solver's own cost per step at ~1e-7 relative accuracy.
         **options: solver options (e.g. ``order=3``, ``eta=0.5``, ``lower_order_final=False``).
     Returns:
         the sample (float64 on CPU/CUDA), or ``(sample, info)`` with ``return_info=True``.
@@ -106,7 +109,9 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         from tqdm.auto import tqdm
         bar = tqdm(total=nfe, desc=info.name, unit="nfe", leave=False)
     ev = Evaluator(den, model_kwargs, callback, bar)
-    sd = torch.float32 if noise.device.type == "mps" else torch.float64
+    sd = dtype or (torch.float32 if noise.device.type == "mps" else torch.float64)
+    if sd not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {sd}")
     x = noise.to(sd) * (proc.prior_scale if scale_noise else 1.0)
     try:
         out = info.fn(ev, x, tgrid, rng, **opts)
