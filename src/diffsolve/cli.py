@@ -136,12 +136,12 @@ def _pyplot():
     return plt
 
 
-def _scatter(ax, data: np.ndarray, x: Optional[np.ndarray], lim: float, color: str = "C0") -> int:
+def _scatter(ax, data: np.ndarray, x: Optional[np.ndarray], lim: float, color: str = "C0", size: float = 3) -> int:
     """Exact data in grey underneath, samples on top; returns how many samples fall off the panel."""
-    ax.scatter(data[:, 0], data[:, 1], s=3, c="0.75", lw=0, rasterized=True)
+    ax.scatter(data[:, 0], data[:, 1], s=size, c="0.75", lw=0, rasterized=True)
     off = 0
     if x is not None:
-        ax.scatter(x[:, 0], x[:, 1], s=3, c=color, lw=0, alpha=0.8, rasterized=True)
+        ax.scatter(x[:, 0], x[:, 1], s=size, c=color, lw=0, alpha=0.8, rasterized=True)
         off = int((np.abs(x) > lim).any(1).sum())
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
@@ -194,8 +194,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                        "the CLI samples the exact reference model (--reference)")
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**31:
+        raise CLIError(f"--seed must be in [0, 2**31), got {args.seed}")
     info = ds.get_solver(args.solver)  # unknown names fail here, before any work
     options = _parse_options(args.option)
     proc = PROCESSES[args.process][1]()
@@ -258,7 +258,7 @@ def _plot_samples(ref, x, data, name, si, path: Path) -> Optional[Path]:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(5, 5))
         lim = 1.25 * float(data.abs().max())
-        off = _scatter(ax, data.numpy(), x.cpu().numpy(), lim)
+        off = _scatter(ax, data.numpy(), x.cpu().numpy(), lim, size=6)
         ax.set_title(f"{name}, NFE {si.nfe}" + (f" ({off} off-panel)" if off else ""), fontsize=10)
     elif len(ref.shape) == 3 and ref.shape[0] in (1, 3):
         plt = _pyplot()
@@ -284,7 +284,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
-    solver_names = [ds.get_solver(s).name for s in args.solvers]
+    solver_names = list(dict.fromkeys(ds.get_solver(s).name for s in args.solvers))  # aliases resolved, no repeats
+    args.nfe = list(dict.fromkeys(args.nfe))
     t_start = time.perf_counter()
     ref, proc = ds.GaussianMixture.toy2d(), ds.VPDiscrete.linear(1000)
     den = ref.denoiser(proc, "x0")
@@ -387,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="out", help="output folder (default: %(default)s)")
     s.add_argument("--n", type=int, default=1000, help="number of samples (default: %(default)s)")
     s.add_argument("--nfe", type=int, nargs="+", default=[5, 10], help="NFE budgets, one row each (default: 5 10)")
-    s.add_argument("--solvers", nargs="+", default=list(DEMO_SOLVERS), help="solvers, one column each (default: %s)" % " ".join(DEMO_SOLVERS))
+    s.add_argument("--solvers", nargs="+", default=list(DEMO_SOLVERS),
+                   help=f"solvers, one column each (default: {' '.join(DEMO_SOLVERS)})")
     s.add_argument("--spacing", choices=list(ds.timesteps.SPACINGS), default="logsnr",
                    help="time-step spacing (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")

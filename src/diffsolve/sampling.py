@@ -82,6 +82,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         steps, extra = info.plan(nfe, clean)
         n_points = steps if clean else steps + 1
         tgrid = make_grid(proc, n_points, spacing, final)
+        cost = sum(extra["orders"]) if extra else info.cost(tgrid.steps, clean)
     else:
         tgrid = grid if isinstance(grid, TimeGrid) else explicit(proc, t=grid, final=final)
         if tgrid.steps < 1:
@@ -107,7 +108,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=nfe, desc=info.name, unit="nfe", leave=False)
+        bar = tqdm(total=cost, desc=info.name, unit="nfe", leave=False)
     ev = Evaluator(den, model_kwargs, callback, bar)
     sd = dtype or (torch.float32 if noise.device.type == "mps" else torch.float64)
     if sd not in (torch.float32, torch.float64):
