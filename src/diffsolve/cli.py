@@ -35,7 +35,7 @@ REFERENCES = {
               lambda: ds.GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
 }
 PREDICTIONS = ("x0", "epsilon", "v", "score", "velocity")
-DEMO_SOLVERS = ("ddim", "dpm++2m", "unipc-bh2", "dpm-solver-3m", "heun", "ipndm")
+DEMO_SOLVERS = ("ddim", "dpm++2m", "unipc-bh2", "dpm-solver-3m", "dpm++3m", "ipndm")
 #: the exact ODE reference is solved for at most this many numbers (samples x dims); more are subsampled
 EXACT_BUDGET = 16384
 
