@@ -1,0 +1,249 @@
+"""diffusers interop, both ways (diffusers is an optional dependency).
+
+* ``load_diffusers(path)``: a saved diffusers model folder (``DDPMPipeline.save_pretrained`` layout,
+  or a bare UNet folder with a ``scheduler_config.json``) -> a ready ``ds.Denoiser``; the schedule
+  (betas), ``prediction_type`` and timestep convention come from the scheduler config.
+* ``DiffsolveScheduler``: a diffusers-compatible scheduler that runs any diffsolve solver inside an
+  unmodified diffusers pipeline.  Pipelines push one model output per ``step``; diffsolve solvers
+  pull evaluations, so the solver runs in a worker thread that hands each state it wants evaluated
+  back to the pipeline as ``prev_sample`` and waits for the next model output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from ..denoiser import Denoiser
+from ..processes import VPDiscrete
+from ..sampling import sample
+from ..solvers import get_solver
+from ..timesteps import FINALS, SPACINGS, explicit
+
+try:  # diffusers is optional
+    from diffusers import ConfigMixin, SchedulerMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+except ImportError:  # pragma: no cover - exercised only without diffusers
+    ConfigMixin = SchedulerMixin = object  # type: ignore
+
+    def register_to_config(fn):  # type: ignore
+        return fn
+
+    SchedulerOutput = None  # type: ignore
+
+PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v", "flow_prediction": "velocity"}
+
+
+def _require_diffusers() -> None:
+    if SchedulerOutput is None:
+        raise ImportError("diffusers is not installed: pip install 'diffsolve[bench]' (or pip install diffusers)")
+
+
+def process_from_scheduler_config(cfg: Dict[str, Any]) -> VPDiscrete:
+    """The training schedule a diffusers scheduler config describes."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("trained_betas") is not None:
+        return VPDiscrete.from_betas(torch.as_tensor(cfg["trained_betas"], dtype=torch.float64))
+    kind = cfg.get("beta_schedule", "linear")
+    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    if kind == "linear":
+        return VPDiscrete.linear(n, b0, b1)
+    if kind == "scaled_linear":
+        return VPDiscrete.scaled_linear(n, b0, b1)
+    if kind == "squaredcos_cap_v2":
+        return VPDiscrete.cosine(n)
+    raise ValueError(f"unsupported beta_schedule {kind!r} in the scheduler config")
+
+
+def prediction_from_config(cfg: Dict[str, Any]) -> str:
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {kind!r}; diffsolve reads {sorted(PREDICTION_TYPES)}")
+    return PREDICTION_TYPES[kind]
+
+
+def load_diffusers(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Denoiser:
+    """Load a diffusers UNet and its scheduler config from a local folder (never downloads)."""
+    _require_diffusers()
+    from diffusers import UNet2DModel
+
+    path = os.fspath(path)
+    sched = next((p for p in (os.path.join(path, "scheduler", "scheduler_config.json"),
+                              os.path.join(path, "scheduler_config.json")) if os.path.isfile(p)), None)
+    if sched is None:
+        raise ValueError(f"{path}: no scheduler_config.json (expected scheduler/scheduler_config.json "
+                         "as DDPMPipeline.save_pretrained writes it)")
+    unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+        raise ValueError(f"{path}: no UNet config.json (looked in {unet_dir})")
+    with open(sched) as f:
+        cfg = json.load(f)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+    except Exception as e:  # diffusers raises many kinds; say which file failed
+        raise ValueError(f"{unet_dir}: could not load the UNet ({type(e).__name__}: {e})") from None
+    unet.eval().requires_grad_(False)
+    if dtype is not None:
+        unet.to(dtype)
+
+    def net(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return unet(x, t, **kw).sample
+
+    den = Denoiser(net, process_from_scheduler_config(cfg), prediction_from_config(cfg), dtype=unet.dtype)
+    den.module = unet  # keep a handle on the network (device moves, inspection)
+    return den
+
+
+# ----------------------------------------------------------------------------------------
+# the scheduler
+# ----------------------------------------------------------------------------------------
+class _Cancelled(Exception):
+    pass
+
+
+class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
+    """Run any diffsolve solver inside a diffusers pipeline.
+
+    ``set_timesteps(n)`` treats ``n`` as the NFE budget; ``timesteps`` are the exact (possibly
+    fractional) model times the solver will evaluate, in order; ``step`` returns, as ``prev_sample``,
+    the next state the solver wants evaluated, and after the last evaluation the final sample.
+    Build it from any diffusers scheduler config: ``DiffsolveScheduler.from_config(pipe.scheduler.config,
+    solver="unipc-bh2")``.
+    """
+
+    order = 1
+    _compatibles: List[str] = []
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+                 prediction_type: str = "epsilon", solver: str = "dpm++2m", spacing: str = "logsnr",
+                 final: str = "denoise", solver_options: Optional[Dict[str, Any]] = None):
+        _require_diffusers()
+        get_solver(solver)  # fail early on an unknown name
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
+        if final not in FINALS:
+            raise ValueError(f"unknown final={final!r}; use one of {FINALS}")
+        cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+               "beta_schedule": beta_schedule, "trained_betas": trained_betas, "prediction_type": prediction_type}
+        self.process = process_from_scheduler_config(cfg)
+        self.prediction = prediction_from_config(cfg)
+        self.init_noise_sigma = float(self.process.prior_scale)
+        self.timesteps = torch.zeros(0)
+        self.num_inference_steps: Optional[int] = None
+        self._grid = None
+        self._worker: Optional[threading.Thread] = None
+
+    # -- diffusers API ------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample  # the network sees x_t itself (VP): nothing to scale
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Any = None,
+                      timesteps: Optional[List[float]] = None) -> None:
+        """Plan the run: ``num_inference_steps`` is the NFE budget; ``timesteps`` an explicit grid of
+        model times (then the last step jumps to clean data when ``final='denoise'``)."""
+        self._cancel()
+        cfg = self.config
+        if timesteps is not None:
+            self._grid = explicit(self.process, t=[float(t) for t in timesteps], final=cfg.final)
+            budget = None
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps (the NFE budget) or timesteps")
+            self._grid, budget = None, int(num_inference_steps)
+        self._budget = budget
+        # dry run on a 1-element state records the exact evaluation times
+        seen: List[float] = []
+
+        def probe(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.append(float(t.flatten()[0]))
+            return torch.zeros_like(x)
+
+        sample(Denoiser(probe, self.process, self.prediction, dtype=torch.float64), torch.zeros(1, 1),
+               **self._sample_kwargs())
+        self.timesteps = torch.tensor(seen, dtype=torch.float32, device=device)
+        self._model_times = seen
+        self.num_inference_steps = len(seen)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, **_: Any):
+        """Take the model output at ``sample``; return the next state to evaluate (or the result)."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        if self._worker is None:
+            self._start(sample, generator)
+            self._first_output = model_output
+        else:
+            self._inbox.put(model_output)
+        kind, value = self._outbox.get()
+        if kind == "error":
+            self._worker = None
+            raise value
+        if kind == "done":
+            self._worker = None
+        prev = value.to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.process.marginal(original, noise, timesteps.to(torch.float64)).to(original.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # -- the worker -----------------------------------------------------------------------
+    def _sample_kwargs(self) -> Dict[str, Any]:
+        cfg = self.config
+        kw = dict(solver=cfg.solver, final=cfg.final, scale_noise=False, **(cfg.solver_options or {}))
+        if self._grid is not None:
+            kw.update(grid=self._grid, nfe=None)
+        else:
+            kw.update(nfe=self._budget, spacing=cfg.spacing)
+        return kw
+
+    def _start(self, x_T: torch.Tensor, generator) -> None:
+        self._inbox: "queue.Queue" = queue.Queue()
+        self._outbox: "queue.Queue" = queue.Queue()
+        calls = {"n": 0}
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return self._first_output.to(torch.float64)
+            self._outbox.put(("eval", x.detach().clone()))
+            out = self._inbox.get()
+            if out is None:
+                raise _Cancelled()
+            return out.to(torch.float64)
+
+        den = Denoiser(net, self.process, self.prediction, dtype=torch.float64)
+        kw = self._sample_kwargs()
+        if get_solver(self.config.solver).stochastic and generator is not None:
+            kw["generators"] = [generator] * x_T.shape[0]
+
+        def run() -> None:
+            try:
+                out = sample(den, x_T.detach().to(torch.float64), **kw)
+                self._outbox.put(("done", out))
+            except _Cancelled:
+                pass
+            except Exception as e:  # hand the error to the pipeline's thread
+                self._outbox.put(("error", e))
+
+        self._worker = threading.Thread(target=run, daemon=True, name="diffsolve-scheduler")
+        self._worker.start()
+
+    def _cancel(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            self._inbox.put(None)
+            self._worker.join(timeout=5)
+        self._worker = None
