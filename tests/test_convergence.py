@@ -14,7 +14,7 @@ import diffsolve as ds
 DT = torch.float64
 REF = ds.GaussianMixture.random(dim=8, n_components=3, seed=1, delta=0.3)
 PROCESSES = {"vp-discrete": ds.VPDiscrete.linear(1000), "edm": ds.EDM(), "flow": ds.RectifiedFlow()}
-DETERMINISTIC = [s.name for s in ds.solvers() if not s.stochastic]
+DETERMINISTIC = [s.name for s in ds.solvers() if not s.stochastic and not s.requires]  # dpm-v3: tests/test_dpm_v3.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,12 +6,15 @@
     x0 = ds.sample(den, noise, solver="dpm++2m", nfe=10)
 """
 from . import reference, timesteps
+from .checkpoint import load, save_model
 from .denoiser import Denoiser, NonFiniteError, edm_coefficients, outputs_from
 from .processes import (EDM, VE, AffineInterpolant, NoiseProcess, RectifiedFlow, VPContinuous, VPDiscrete,
                         process_from_config)
 from .reference import GaussianMixture, exact_targets
 from .sampling import SampleInfo, sample
 from .solvers import SOLVERS, SamplingError, SolverInfo, get_solver, solvers
+from .solvers import dpm_v3, momentum
+from . import schedules
 from .timesteps import TimeGrid, explicit, make_grid
 
 __version__ = "0.1.0"
@@ -22,4 +25,6 @@ __all__ = [
     "process_from_config", "GaussianMixture", "exact_targets", "reference", "timesteps",
     "sample", "SampleInfo", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SamplingError",
     "TimeGrid", "make_grid", "explicit",
+    "load", "save_model",
+    "dpm_v3", "momentum", "schedules",
 ]

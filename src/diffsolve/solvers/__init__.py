@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import adams, ddim, dpm_solver, euler, unipc
+from . import adams, ddim, dpm_solver, dpm_v3, euler, momentum, unipc
 from .core import SamplingError
 
 __all__ = ["SolverInfo", "SOLVERS", "get_solver", "solvers", "SamplingError"]
@@ -27,6 +27,7 @@ class SolverInfo:
     stochastic: bool = False
     cost: Callable[[int, bool], int] = lambda steps, clean: steps
     singlestep_order: int = 0  # > 0: budget split by dpm_solver.singlestep_orders
+    requires: Tuple[str, ...] = ()  # options the caller must pass (e.g. dpm-v3's stats=)
 
     def plan(self, nfe: int, clean_end: bool) -> Tuple[int, Dict[str, Any]]:
         """(steps, extra solver options) for an NFE budget."""
@@ -54,6 +55,8 @@ def _pndm_cost(steps: int, clean: bool) -> int:
 _DPM = "Lu et al. 2022, DPM-Solver (arXiv:2206.00927)"
 _DPMPP = "Lu et al. 2022, DPM-Solver++ (arXiv:2211.01095)"
 _UNIPC = "Zhao et al. 2023, UniPC (arXiv:2302.04867)"
+_V3 = "Zheng et al. 2023, DPM-Solver-v3 (arXiv:2310.13268)"
+_MOM = "Wizadwongsa et al. 2023, Diffusion Sampling with Momentum (arXiv:2307.11118)"
 
 _LIST: List[SolverInfo] = [
     SolverInfo("ddim", ddim.ddim, 1, "1 per step", "Song et al. 2021, DDIM (arXiv:2010.02502)", {"eta": 0.0}),
@@ -89,6 +92,12 @@ _LIST: List[SolverInfo] = [
                stochastic=True),
     SolverInfo("euler-maruyama", euler.euler_maruyama, 1, "1 per step (weak order 1)",
                "Song et al. 2021, score SDE (arXiv:2011.13456)", stochastic=True),
+    SolverInfo("dpm-v3", dpm_v3.dpm_v3, 3, "1 per step (corrector reuses the next evaluation)", _V3, {"order": 3},
+               requires=("stats",)),
+    SolverInfo("dpm++2m-hb", momentum.dpmpp_2m_hb, 1, "1 per step", _MOM + "; " + _DPMPP, {"beta": 0.8}),
+    SolverInfo("ipndm-hb", momentum.ipndm_hb, 1, "1 per step", _MOM + "; Zhang & Chen 2023 (arXiv:2204.13902)",
+               {"order": 4, "beta": 0.8}),
+    SolverInfo("ghvb", momentum.ghvb, 4, "1 per step", _MOM, {"order": 4, "beta": 0.8}),
 ]
 
 SOLVERS: Dict[str, SolverInfo] = {s.name: s for s in _LIST}

@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .core import Evaluator, Noise, Point, grid_point, lagrange_weights, run_multistep
+from .core import Evaluator, Noise, Point, grid_point, lagrange_weights, lincomb, run_multistep
 
 Tensor = torch.Tensor
 
@@ -41,11 +41,12 @@ def pndm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
         eps_hist = (eps_hist + [p0.eps])[-4:]
         if i == 0:
             trial = ve_transfer(x, p0, a_t, s_t, p0.eps)
-            e = 0.5 * (p0.eps + ev(trial, float(grid.t[i + 1])).eps)
+            terms = [(0.5, p0.eps), (0.5, ev(trial, float(grid.t[i + 1])).eps)]
         else:
-            coef = AB[len(eps_hist)]
-            e = sum(c * eps for c, eps in zip(coef, reversed(eps_hist)))
-        x = ev.finish_step(i, ve_transfer(x, p0, a_t, s_t, e), grid, p0)
+            terms = list(zip(AB[len(eps_hist)], reversed(eps_hist)))
+        # ve_transfer with e = sum_j c_j eps_j, as one fused linear combination
+        ce = a_t * (s_t / a_t - p0.sigma_ve)
+        x = ev.finish_step(i, lincomb([(a_t / p0.alpha, x)] + [(ce * c, eps) for c, eps in terms]), grid, p0)
     return x
 
 
@@ -65,12 +66,9 @@ def _variable(ev: Evaluator, variable: str):
     raise ValueError(f"variable must be 'lambda', 't' or 'sigma', got {variable!r}")
 
 
-def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable: str = "lambda",
-          lower_order_final: Optional[bool] = None) -> Tensor:
-    """Variable-step Adams-Bashforth on x~ with eps interpolated in ``variable`` (DEIS / iPNDM)."""
+def adams_update(ev: Evaluator, grid, variable: str = "lambda"):
+    """Update rule of the variable-step Adams-Bashforth method on x~ (order k from the newest k points)."""
     node, dsig = _variable(ev, variable)
-    if not 1 <= order <= 4:
-        raise ValueError(f"order must be 1..4, got {order}")
 
     def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
@@ -81,6 +79,15 @@ def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable
         e = sum(float(wj) * p.eps for wj, p in zip(w, pts))
         return (a_t / p0.alpha) * x + a_t * e
 
+    return update
+
+
+def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable: str = "lambda",
+          lower_order_final: Optional[bool] = None) -> Tensor:
+    """Variable-step Adams-Bashforth on x~ with eps interpolated in ``variable`` (DEIS / iPNDM)."""
+    update = adams_update(ev, grid, variable)
+    if not 1 <= order <= 4:
+        raise ValueError(f"order must be 1..4, got {order}")
     return run_multistep(ev, x, grid, update, order, lower_order_final, history=order)
 
 

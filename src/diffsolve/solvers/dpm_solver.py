@@ -28,7 +28,7 @@ def _out(p: Point, form: str) -> Tensor:
     return p.x0 if form == "data" else p.eps
 
 
-def multistep_update(form: str, taylor3: bool = True):
+def multistep_update(form: str, taylor3: bool = True, taylor2: bool = False):
     """Update rule of DPM-Solver(-++) multistep of order k <= 3 on the history (newest last).
 
     The differences D1, D2 of the papers are linear in the stored outputs, so the step is written as
@@ -44,6 +44,10 @@ def multistep_update(form: str, taylor3: bool = True):
         w = exp_coefficients(h, 3 if k == 3 else 1, form)
         if k == 1:
             coef = np.array([w[0]])
+        elif k == 2 and taylor2:  # Taylor variant (diffusers 'heun'): derivative weighted by h^2 phi_2
+            r0 = (p0.lam - pts[1].lam) / h
+            w2 = exp_coefficients(h, 2, form)[1]
+            coef = np.array([w[0] + w2 / (r0 * h), -w2 / (r0 * h)])
         elif k == 2:  # 'midpoint' variant: D1 weighted by h phi_1 / 2
             r0 = (p0.lam - pts[1].lam) / h
             coef = np.array([w[0] * (1 + 0.5 / r0), -w[0] * 0.5 / r0])
@@ -72,9 +76,14 @@ def exp_weight(h: float, k: int, form: str) -> Tensor:
 
 
 def dpm_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "data",
-                  lower_order_final: Optional[bool] = None, taylor3: bool = True) -> Tensor:
-    """DPM-Solver multistep (form='noise') or DPM-Solver++ multistep (form='data'), order 1-3."""
-    upd = multistep_update(form, taylor3)
+                  lower_order_final: Optional[bool] = None, taylor3: bool = True, taylor2: bool = False) -> Tensor:
+    """DPM-Solver multistep (form='noise') or DPM-Solver++ multistep (form='data'), order 1-3.
+
+    ``taylor2=True`` weights the first difference of order-2 steps with its Taylor coefficient h^2 phi_2
+    (diffusers' ``solver_type='heun'``) instead of the midpoint h phi_1 / 2; DPM-Solver-v3 with
+    (l, s, b) = (1, 0, 0) is this variant.
+    """
+    upd = multistep_update(form, taylor3, taylor2)
     return run_multistep(ev, x, grid, lambda x, i, hist, k: upd(x, i, hist, k, grid), order,
                          lower_order_final, history=3)
 
