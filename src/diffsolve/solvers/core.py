@@ -56,6 +56,23 @@ def phi(k: int, z: Union[float, Tensor]) -> Tensor:
     return torch.where(small, series, rec)
 
 
+def phi_float(k: int, z: float) -> float:
+    """``phi`` for one Python float: the same series / recurrence without tensor overhead (solvers call it
+    for their per-step coefficients, where 0-dim tensor arithmetic cost ~0.15 ms per step)."""
+    if k == 0:
+        return math.exp(z)
+    if abs(z) < 0.2:
+        series, term = 0.0, 1.0 / math.factorial(k)
+        for j in range(25):
+            series += term
+            term = term * z / (j + k + 1)
+        return series
+    rec = math.expm1(z) / z
+    for j in range(1, k):
+        rec = (rec - 1.0 / math.factorial(j)) / z
+    return rec
+
+
 def h_phi(k: int, h: Tensor, sign: float) -> Tensor:
     """h^k phi_k(sign*h): the weight of (lam - lam_s)^{k-1}/(k-1)! in one exponential step."""
     return h**k * phi(k, sign * h)
@@ -160,9 +177,9 @@ def lincomb(pairs: Sequence[tuple]) -> Tensor:
 
 def exp_coefficients(h: float, order: int, form: str) -> List[float]:
     """[h^1 phi_1, ..., h^order phi_order] at -h (data form) or +h (noise form), as floats."""
-    ht = torch.tensor(h, dtype=torch.float64)
+    h = float(h)
     sign = -1.0 if form == "data" else 1.0
-    return [float(h_phi(k, ht, sign)) for k in range(1, order + 1)]
+    return [h**k * phi_float(k, sign * h) for k in range(1, order + 1)]
 
 
 def exp_frame(s: "Point", alpha_t: float, sigma_t: float, form: str) -> tuple[float, float]:

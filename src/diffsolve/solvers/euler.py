@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .core import Evaluator, Noise, Point, grid_point
+from .core import Evaluator, Noise, Point, grid_point, lincomb
 
 Tensor = torch.Tensor
 
@@ -56,11 +56,13 @@ def heun(ev: Evaluator, x: Tensor, grid, noise: Noise, second_order: bool = True
         t_next = float(grid.t[i + 1])
         dv = view.v(t_next, a_t, s_t) - view.v(p0.t, p0.alpha, p0.sigma)
         d0 = view.derivative(p0)
-        y_next = view.to_y(x, p0.alpha) + dv * d0
+        # x_next = to_x(to_y(x) + dv * d) = cx * x + cd * d, as one fused linear combination
+        cx, cd = (a_t / p0.alpha, a_t * dv) if view.var == "sigma" else (1.0, dv)
+        x_next = lincomb([(cx, x), (cd, d0)])
         if second_order:
-            p1 = ev(view.to_x(y_next, a_t), t_next)
-            y_next = view.to_y(x, p0.alpha) + dv * 0.5 * (d0 + view.derivative(p1))
-        x = ev.finish_step(i, view.to_x(y_next, a_t), grid, p0)
+            p1 = ev(x_next, t_next)
+            x_next = lincomb([(cx, x), (0.5 * cd, d0), (0.5 * cd, view.derivative(p1))])
+        x = ev.finish_step(i, x_next, grid, p0)
     return x
 
 

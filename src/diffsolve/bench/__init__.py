@@ -1,0 +1,13 @@
+"""diffsolve bench: our solvers against diffusers and k-diffusion, side by side, on the same frozen model.
+
+    import diffsolve as ds
+    res = ds.bench(out="bench-out", quick=True)      # Python
+    python -m diffsolve.bench --out docs             # command line (docs/benchmarks.md)
+
+Modules: ``peers`` (diffusers / k-diffusion drivers), ``harness`` (one run = one configuration, NFE
+counting, endpoint detection, exact targets, parity, overhead), ``report`` (markdown, CSV, JSON, PNG).
+The peers are an optional extra (``pip install 'diffsolve[bench]'`` and ``pip install --no-deps k-diffusion``).
+"""
+from .api import BenchResult, bench, build_parser, main
+
+__all__ = ["bench", "main", "build_parser", "BenchResult"]
