@@ -115,7 +115,7 @@ def test_sample_solver_options(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--solver", "no-such-solver"], "valid names"),
-    (["sample", "--model", "ckpt.pt"], "loading checkpoints is not supported yet"),
+    (["sample", "--model", "no/such/ckpt"], "no/such/ckpt"),
     (["sample", "--nfe", "0"], "nfe"),
     (["sample", "--n", "0"], "--n"),
     (["sample", "--option", "order"], "KEY=VALUE"),
@@ -158,3 +158,26 @@ def test_demo_writes_png_and_json(tmp_path, capsys):
         assert r["solver"] in stdout
     ddim = {r["nfe_budget"]: r["rmse_vs_exact_ode"] for r in res["runs"] if r["solver"] == "ddim"}
     assert ddim[8] < ddim[5]
+
+
+def test_sample_shipped_model_writes_image_metric(tmp_path, capsys):
+    out = tmp_path / "m"
+    code, stdout, _ = run(["sample", "--model", "mnist", "--nfe", 3, "--n", 4, "--reference-nfe", 6,
+                           "--out", out, "--quiet"], capsys)
+    assert code == 0, stdout
+    info = json.loads((out / "info.json").read_text())
+    assert info["nfe"] <= 3 and info["shape"] == [1, 28, 28]
+    assert info["rmse_vs_reference"] > 0 and info["image_metric"]["fd_lenet"] > 0
+    assert (out / "samples.png").exists()
+
+
+def test_sample_missing_model_is_a_clear_error(tmp_path, capsys):
+    code, _, stderr = run(["sample", "--model", str(tmp_path / "nowhere"), "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "error:" in stderr
+
+
+def test_delegated_commands_have_help(capsys):
+    for cmd in ("bench", "train"):
+        with pytest.raises(SystemExit) as e:
+            run([cmd, "--help"], capsys)
+        assert e.value.code == 0

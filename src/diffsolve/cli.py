@@ -190,8 +190,7 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.model is not None:
-        raise CLIError("loading checkpoints is not supported yet (--model); "
-                       "the CLI samples the exact reference model (--reference)")
+        return cmd_sample_model(args)
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**31:
@@ -249,6 +248,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     msg = f"{si.solver}: {si.nfe} NFE ({si.steps} steps) on {args.n} samples"
     if m:
         msg += f"; RMSE vs exact ODE {metrics['rmse_vs_exact_ode']:.4g} (on {m})"
+    print(f"{msg} -> {out}")
+    return 0
+
+
+def cmd_sample_model(args: argparse.Namespace) -> int:
+    """Sample a checkpoint / diffusers folder / built-in model; score against a high-NFE solution of the
+    same model (and with FD-LeNet when the images are MNIST-shaped)."""
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    info = ds.get_solver(args.solver)
+    options = _parse_options(args.option)
+    den = ds.load(args.model)
+    shape = tuple(getattr(den, "sample_shape", None) or ())
+    if not shape:
+        raise CLIError(f"{args.model}: the checkpoint does not record its sample shape")
+    noise, seeds = _noise_and_seeds(args.n, shape, args.seed)
+    kw = dict(seeds=seeds if info.stochastic else None, progress=not args.quiet, return_info=True, **options)
+    if getattr(args, "profile", None):
+        kw["profile"] = args.profile
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        x, si = ds.sample(den, noise, solver=info.name, nfe=args.nfe, spacing=args.spacing, final=args.final, **kw)
+        t_sample = time.perf_counter() - t0
+        metrics: Dict[str, Any] = {}
+        if args.reference_nfe and not info.stochastic:
+            ref = ds.sample(den, noise, solver="dpm++2m", nfe=args.reference_nfe, spacing="logsnr")
+            metrics["rmse_vs_reference"] = _rmse(x, ref)
+            metrics["reference"] = f"dpm++2m, logsnr, {args.reference_nfe} NFE, same noise"
+    if shape == (1, 28, 28):
+        from .metrics import default_metric
+        metrics["image_metric"] = default_metric().score(x.float().clamp(-1, 1)).as_dict()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", x.cpu().numpy())
+    files = {"samples": str(out / "samples.npy"), "info": str(out / "info.json")}
+    if len(shape) == 3:
+        from .images import save_labelled_grids
+        files["png"] = str(save_labelled_grids([x.float().clamp(-1, 1)[:64]], [f"{si.solver} NFE {si.nfe}"],
+                                               out / "samples.png", nrow=8, scale=2))
+    _write_json(out / "info.json", {
+        "model": args.model, "solver": si.solver, "nfe_budget": args.nfe, "nfe": si.nfe, "steps": si.steps,
+        "ends_clean": si.ends_clean, "grid_t": si.grid.t, "options": si.options, "shape": list(shape),
+        **metrics, "wall_s": {"sample": round(t_sample, 3)}, "files": files, "version": ds.__version__,
+    })
+    msg = f"{si.solver}: {si.nfe} NFE on {args.n} samples of {args.model}"
+    if "rmse_vs_reference" in metrics:
+        msg += f"; RMSE vs {args.reference_nfe}-NFE reference {metrics['rmse_vs_reference']:.4g}"
+    if "image_metric" in metrics:
+        msg += f"; FD-LeNet {metrics['image_metric']['fd_lenet']:.3g}"
     print(f"{msg} -> {out}")
     return 0
 
@@ -379,7 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exact-samples", type=int, default=None, metavar="M",
                    help=f"score the first M samples against the exact ODE (default: all, up to "
                         f"{EXACT_BUDGET} numbers in total; 0 skips)")
-    s.add_argument("--model", default=None, help="a checkpoint to sample (reserved; not supported yet)")
+    s.add_argument("--model", default=None,
+                   help="sample a model instead of the exact reference: a diffsolve checkpoint folder, a diffusers "
+                        "model folder, or a built-in name ('mnist')")
+    s.add_argument("--reference-nfe", type=int, default=100,
+                   help="with --model: score against this many NFE of dpm++2m from the same noise (0: skip)")
     s.add_argument("--out", default="out/sample", help="output folder (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
     s.set_defaults(func=cmd_sample)
@@ -395,10 +447,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
     s.set_defaults(func=cmd_demo)
+    for name, (_, text) in DELEGATED.items():  # listed in --help; dispatched before parsing
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
+# commands whose own parsers live next to the code they drive
+DELEGATED = {"train": ("diffsolve.train", "train a UNet (python -m diffsolve.train --help)"),
+             "bench": ("diffsolve.bench.api", "benchmark our solvers against diffusers and k-diffusion"),
+             "tune": ("diffsolve.tune", "fit solver, grid and statistics to a model; write a profile")}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        try:
+            mod = importlib.import_module(DELEGATED[argv[0]][0])
+        except ImportError as e:
+            print(f"error: `diffsolve {argv[0]}` is unavailable ({e})", file=sys.stderr)
+            return 2
+        return int(mod.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
