@@ -99,6 +99,12 @@ def load_factory(spec: str):
     return den
 
 
+def _is_factory(spec: str) -> bool:
+    """'pkg.module:function' (and not an existing path such as C:\\models)."""
+    import os
+    return ":" in spec and not os.path.exists(spec)
+
+
 def load_checkpoint(path: str):
     """A model the library can load (``ds.load``); a clear error where that is not available."""
     loader = getattr(ds, "load", None)
@@ -257,8 +263,11 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
 
 def _problems(dims, batch, model, checkpoint, shape, seed, ref_nfe) -> List[H.Problem]:
     if model is not None or checkpoint is not None:
+        if isinstance(model, str) and not _is_factory(model):  # a checkpoint/diffusers folder or 'mnist'
+            checkpoint, model = model, None
         den = load_checkpoint(checkpoint) if checkpoint is not None else (
             load_factory(model) if isinstance(model, str) else model)
+        shape = shape or tuple(getattr(den, "sample_shape", None) or ()) or None
         b = batch if isinstance(batch, int) else (batch[0] if batch else 16)
         label = checkpoint or (model if isinstance(model, str) else type(den.net).__name__)
         return [H.model_problem(den, b, seed, shape, ref_nfe, name=f"model {label}")]
@@ -308,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", default="64,3072", help="exact Gaussian-mixture sizes (default 64,3072)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE budgets (default 5,6,8,10,15,20)")
     p.add_argument("--batch", default=None, help="batch, one for all or one per dim (default 256 for 64, else 64)")
-    p.add_argument("--model", default=None, help="module:function returning a ds.Denoiser (reference: a high-NFE "
+    p.add_argument("--model", default=None, help="a checkpoint or diffusers folder, a built-in name (mnist) or module:function returning a ds.Denoiser (reference: a high-NFE "
                                                  "solution of the same model)")
     p.add_argument("--checkpoint", default=None, help="a model checkpoint path for ds.load")
     p.add_argument("--shape", default=None, help="data shape for --model/--checkpoint, e.g. 3,32,32")
