@@ -179,8 +179,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._worker is None:
+            self._first_output = model_output  # before the worker starts: its first call returns it
             self._start(sample, generator)
-            self._first_output = model_output
         else:
             self._inbox.put(model_output)
         kind, value = self._outbox.get()
