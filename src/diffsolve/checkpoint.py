@@ -106,6 +106,9 @@ def save_model(path: PathLike, net: torch.nn.Module, config: Mapping[str, Any],
     tmp = path / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, wpath)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(wpath, 0o666 & ~umask)  # safetensors writes 0600; package data must be world-readable
     stored = {str(v.dtype).replace("torch.", "") for v in tensors.values() if v.is_floating_point()}
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in cfg.items() if k != "weights"}}
     cfg["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath),

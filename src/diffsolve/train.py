@@ -62,8 +62,8 @@ class TrainConfig:
     dataset: str = "digits"                 # 'digits', 'mnist', a folder of images or a .npy file
     out_dir: str = "runs/diffsolve"
     process: str = "VPDiscrete"             # VPDiscrete | VPContinuous | VE | EDM | RectifiedFlow
-    process_kwargs: Dict[str, Any] = field(default_factory=lambda: {"schedule": "linear",
-                                                                    "num_train_timesteps": 1000})
+    process_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {"schedule": "cosine"} (VPDiscrete:
+    #                                         default linear betas, 1000 steps), {"sigma_data": 0.5} (EDM)
     objective: str = "epsilon"              # epsilon | x0 | v | velocity | edm
     loss_weighting: str = "none"            # none | edm
     t_sampling: str = "auto"                # auto | uniform | lognormal (auto: lognormal for EDM/VE)
@@ -116,6 +116,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
+        if self.accelerate not in ("auto", "never"):
+            raise ValueError("accelerate must be 'auto' or 'never'")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError("export_dtype must be float32, float16 or bfloat16")
 
