@@ -120,7 +120,7 @@ def test_sample_solver_options(tmp_path, capsys):
     (["sample", "--n", "0"], "--n"),
     (["sample", "--option", "order"], "KEY=VALUE"),
     (["sample", "--option", "bogus=1"], "no option"),
-    (["demo", "--solvers", "ddim", "nope"], "valid names"),
+    (["demo", "--toy", "--solvers", "ddim", "nope"], "valid names"),
 ])
 def test_bad_input_exits_2_with_message(argv, needle, tmp_path, capsys):
     code, _, err = run(argv + ["--out", tmp_path / "x", "--quiet"], capsys)
@@ -147,11 +147,11 @@ def test_argparse_errors_exit_2(capsys):
 
 def test_demo_writes_png_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    code, stdout, _ = run(["demo", "--n", 200, "--nfe", 5, 8, "--solvers", "ddim", "dpm++2m", "heun",
+    code, stdout, _ = run(["demo", "--toy", "--n", 200, "--nfe", 5, 8, "--solvers", "ddim", "dpm++2m", "heun",
                            "--out", out, "--quiet"], capsys)
     assert code == 0
-    assert (out / "demo.png").stat().st_size > 0
-    res = json.loads((out / "demo.json").read_text())
+    assert (out / "toy.png").stat().st_size > 0
+    res = json.loads((out / "toy.json").read_text())
     assert res["n"] == 200 and len(res["runs"]) == 6
     for r in res["runs"]:
         assert r["nfe"] <= r["nfe_budget"]
@@ -181,3 +181,11 @@ def test_delegated_commands_have_help(capsys):
         with pytest.raises(SystemExit) as e:
             run([cmd, "--help"], capsys)
         assert e.value.code == 0
+
+
+def test_model_demo_writes_grid_and_metrics(tmp_path, capsys):
+    code, stdout, _ = run(["demo", "--images", 4, "--nfe", 3, "--out", tmp_path], capsys)
+    assert code == 0, stdout
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["nfe"] for r in res["runs"]] == [3, 100]
+    assert all(r["fd_lenet"] > 0 for r in res["runs"]) and (tmp_path / "demo.png").stat().st_size > 0
