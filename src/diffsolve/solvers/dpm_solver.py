@@ -18,7 +18,7 @@ import torch
 
 import numpy as np
 
-from .core import (Evaluator, Noise, Point, exp_coefficients, exp_frame, exp_step, grid_point, h_phi, lincomb,
+from .core import (Evaluator, Noise, Point, exp_coefficients, exp_frame, exp_step, grid_point, lincomb,
                    run_multistep)
 
 Tensor = torch.Tensor
@@ -71,8 +71,9 @@ def _scale(a_t: float, s_t: float, form: str) -> float:
     return s_t if form == "noise" else a_t
 
 
-def exp_weight(h: float, k: int, form: str) -> Tensor:
-    return h_phi(k, torch.tensor(h, dtype=torch.float64), 1.0 if form == "noise" else -1.0)
+def exp_weight(h: float, k: int, form: str) -> float:
+    """h^k phi_k(+-h): the k-th exponential-integrator weight (see ``core.exp_coefficients``)."""
+    return exp_coefficients(h, k, form)[k - 1]
 
 
 def dpm_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "data",
