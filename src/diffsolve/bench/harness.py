@@ -202,13 +202,18 @@ class ExactReference:
 class ModelReference:
     """For a model without an exact answer: a high-NFE solution of the same model (``solver`` on a
     log-SNR grid with ``nfe`` evaluations) to wherever a run stops; runs that jump are compared with
-    the model's own x0 prediction at the t_min state.  No likelihood metric."""
+    the model's own x0 prediction at the t_min state.  No likelihood metric; for MNIST-shaped images
+    (1 x 28 x 28) also the image metric FD-LeNet (``diffsolve.metrics``) of every run."""
 
     exact = False
 
     def __init__(self, den: ds.Denoiser, x_T: Tensor, nfe: int = 200, solver: str = "dpm++3m"):
         self.den, self.x_T, self.nfe, self.solver = den, x_T, nfe, solver
         self.process = den.process
+        self.image_metric = None
+        if tuple(x_T.shape[1:]) == (1, 28, 28) and x_T.shape[0] >= 2:
+            from ..metrics import default_metric
+            self.image_metric = default_metric()
         t0 = time.perf_counter()
         p = self.process
         x_min = ds.sample(den, x_T, solver, nfe=nfe, spacing="logsnr", final="t_min")
@@ -238,6 +243,8 @@ class ModelReference:
     def score(self, x: Tensor, ep: Endpoint) -> Dict[str, float]:
         out = _errors(x, self.target(ep))
         out["llgap"] = out["llgap_se"] = float("nan")
+        if self.image_metric is not None:
+            out["fd_lenet"] = self.image_metric.score(x.float().clamp(-1, 1)).fd_lenet
         return out
 
 
@@ -320,7 +327,7 @@ def model_problem(den: ds.Denoiser, batch: int, seed: int = 0, shape: Optional[S
 # ----------------------------------------------------------------------------------------
 ROW_FIELDS = ("problem", "dim", "batch", "library", "family", "variant", "algorithm", "stochastic", "nfe_budget",
               "steps", "nfe_used", "endpoint", "t_stop", "jump_distance", "rmse", "rmse_median", "llgap",
-              "llgap_se", "wall", "net_time", "overhead_per_nfe", "dtype", "config", "error")
+              "llgap_se", "fd_lenet", "wall", "net_time", "overhead_per_nfe", "dtype", "config", "error")
 
 
 def _row(pb: Problem, library: str, family: str, variant: str, algorithm: str, budget, config: dict,
