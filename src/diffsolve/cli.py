@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--toy", action="store_true", help="the exact 2-D toy mixture instead of the shipped model")
     s.add_argument("--model", default="mnist", help="model for the image demo (default: %(default)s)")
     s.add_argument("--images", type=int, default=64, help="images per NFE for the image demo (default: %(default)s)")
-    s.add_argument("--threads", type=int, default=None, help="torch threads for the image demo")
+    s.add_argument("--threads", type=int, default=1, help="torch threads for the image demo (default: %(default)s; one thread is robust on a shared machine)")
     s.add_argument("--n", type=int, default=1000, help="number of samples (default: %(default)s)")
     s.add_argument("--nfe", type=int, nargs="+", default=[5, 10], help="NFE budgets, one row each (default: 5 10)")
     s.add_argument("--solvers", nargs="+", default=list(DEMO_SOLVERS),
