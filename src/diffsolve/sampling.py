@@ -36,7 +36,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
            generators: Optional[Sequence[torch.Generator]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
            callback: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = False,
            return_info: bool = False, scale_noise: bool = True, dtype: Optional[torch.dtype] = None,
-           **options: Any):
+           profile: Any = None, **options: Any):
     """Sample from a frozen model in at most ``nfe`` network evaluations.
 
     Args:
@@ -56,10 +56,19 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         return_info: also return a ``SampleInfo`` (NFE used, grid, options).
         dtype: dtype of the solver state (default float64; float32 on MPS). float32 roughly halves the
             solver's own cost per step at ~1e-7 relative accuracy.
+        profile: a tuned profile (``ds.tune`` / ``diffsolve.tune.Profile``, or its path): its entry for ``nfe``
+            sets solver, grid, last step and options (``solver``, ``spacing``, ``final`` are ignored; ``grid``
+            must be None).  A profile made for another model, process, guidance scale or data shape is refused.
         **options: solver options (e.g. ``order=3``, ``eta=0.5``, ``lower_order_final=False``).
     Returns:
         the sample (float64 on CPU/CUDA), or ``(sample, info)`` with ``return_info=True``.
     """
+    if profile is not None:
+        if not isinstance(noise, Tensor) or noise.dim() < 1:
+            raise ValueError("noise must be a tensor of shape [batch, ...] with batch >= 1")
+        from .tune import profile_settings
+        solver, grid, options = profile_settings(profile, den, noise, nfe, grid, options)
+        final = "denoise" if grid.clean_end else "t_min"
     info = get_solver(solver)
     if not isinstance(den, Denoiser):
         raise TypeError("den must be a diffsolve.Denoiser (wrap your network: ds.Denoiser(net, process, ...))")
