@@ -30,5 +30,6 @@ __all__ = [
 ]
 
 from .bench import bench  # noqa: E402  (last: the bench package imports diffsolve itself)
+from .tuning import Profile, tune  # noqa: E402
 
-__all__.append("bench")
+__all__ += ["bench", "tune", "Profile"]

@@ -195,14 +195,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.seed < 2**31:
         raise CLIError(f"--seed must be in [0, 2**31), got {args.seed}")
-    info = ds.get_solver(args.solver)  # unknown names fail here, before any work
     options = _parse_options(args.option)
+    prof = _load_profile(args)
+    prediction = args.prediction or (prof.model.get("prediction") if prof is not None else None) or "x0"
     proc = PROCESSES[args.process][1]()
     ref = REFERENCES[args.reference][1]()
-    den = ref.denoiser(proc, args.prediction)
+    den = ref.denoiser(proc, prediction)
     out = Path(args.out)
 
     noise, seeds = _noise_and_seeds(args.n, ref.shape, args.seed)
+    if prof is not None:
+        options["profile"] = prof
+    info = ds.get_solver(prof.entry(args.nfe).solver if prof is not None else args.solver)
     t0 = time.perf_counter()
     x, si = ds.sample(den, noise, solver=info.name, nfe=args.nfe, spacing=args.spacing, final=args.final,
                       seeds=seeds if info.stochastic else None, progress=not args.quiet, return_info=True,
@@ -252,21 +256,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_profile(args: argparse.Namespace):
+    """The ``--profile`` of ``diffsolve sample`` (None without one); it needs an --nfe it has an entry for."""
+    if not args.profile:
+        return None
+    from .tuning import Profile
+
+    prof = Profile.load(args.profile)
+    prof.entry(args.nfe)  # a clear error when the profile has no entry for this NFE
+    return prof
+
+
 def cmd_sample_model(args: argparse.Namespace) -> int:
     """Sample a checkpoint / diffusers folder / built-in model; score against a high-NFE solution of the
     same model (and with FD-LeNet when the images are MNIST-shaped)."""
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
-    info = ds.get_solver(args.solver)
     options = _parse_options(args.option)
+    prof = _load_profile(args)
+    info = ds.get_solver(prof.entry(args.nfe).solver if prof is not None else args.solver)
     den = ds.load(args.model)
     shape = tuple(getattr(den, "sample_shape", None) or ())
     if not shape:
         raise CLIError(f"{args.model}: the checkpoint does not record its sample shape")
     noise, seeds = _noise_and_seeds(args.n, shape, args.seed)
     kw = dict(seeds=seeds if info.stochastic else None, progress=not args.quiet, return_info=True, **options)
-    if getattr(args, "profile", None):
-        kw["profile"] = args.profile
+    if prof is not None:
+        kw["profile"] = prof
     t0 = time.perf_counter()
     with torch.inference_mode():
         x, si = ds.sample(den, noise, solver=info.name, nfe=args.nfe, spacing=args.spacing, final=args.final, **kw)
@@ -456,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last step: jump to clean data with the denoiser, or stop at t_min (default: %(default)s)")
     s.add_argument("--reference", choices=list(REFERENCES), default="toy2d",
                    help=_choices_help(REFERENCES) + " (default: %(default)s)")
-    s.add_argument("--prediction", choices=PREDICTIONS, default="x0",
-                   help="what the exact model outputs, to exercise the adapter (default: %(default)s)")
+    s.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                   help="what the exact model outputs, to exercise the adapter (default: x0, or the profile's)")
     s.add_argument("--n", type=int, default=512, help="number of samples (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="noise seed, one generator per sample (default: %(default)s)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -470,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model folder, or a built-in name ('mnist')")
     s.add_argument("--reference-nfe", type=int, default=100,
                    help="with --model: score against this many NFE of dpm++2m from the same noise (0: skip)")
+    s.add_argument("--profile", default=None, metavar="PROFILE.json",
+                   help="sample with a tuned profile (`diffsolve tune`): its entry for --nfe sets solver, grid and "
+                        "options; refused when it was made for another model, process or guidance scale")
     s.add_argument("--out", default="out/sample", help="output folder (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
     s.set_defaults(func=cmd_sample)
@@ -498,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 # commands whose own parsers live next to the code they drive
 DELEGATED = {"train": ("diffsolve.train", "train a UNet (python -m diffsolve.train --help)"),
              "bench": ("diffsolve.bench.api", "benchmark our solvers against diffusers and k-diffusion"),
-             "tune": ("diffsolve.tune", "fit solver, grid and statistics to a model; write a profile")}
+             "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

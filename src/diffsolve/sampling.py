@@ -56,7 +56,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
         return_info: also return a ``SampleInfo`` (NFE used, grid, options).
         dtype: dtype of the solver state (default float64; float32 on MPS). float32 roughly halves the
             solver's own cost per step at ~1e-7 relative accuracy.
-        profile: a tuned profile (``ds.tune`` / ``diffsolve.tune.Profile``, or its path): its entry for ``nfe``
+        profile: a tuned profile (``ds.tune`` / ``ds.Profile``, or its path): its entry for ``nfe``
             sets solver, grid, last step and options (``solver``, ``spacing``, ``final`` are ignored; ``grid``
             must be None).  A profile made for another model, process, guidance scale or data shape is refused.
         **options: solver options (e.g. ``order=3``, ``eta=0.5``, ``lower_order_final=False``).
@@ -66,7 +66,7 @@ def sample(den: Denoiser, noise: Tensor, solver: str = "dpm++2m", nfe: Optional[
     if profile is not None:
         if not isinstance(noise, Tensor) or noise.dim() < 1:
             raise ValueError("noise must be a tensor of shape [batch, ...] with batch >= 1")
-        from .tune import profile_settings
+        from .tuning import profile_settings
         solver, grid, options = profile_settings(profile, den, noise, nfe, grid, options)
         final = "denoise" if grid.clean_end else "t_min"
     info = get_solver(solver)

@@ -43,23 +43,45 @@ class BenchResult:
     meta: Dict[str, Any] = field(default_factory=dict)
     files: Dict[str, str] = field(default_factory=dict)
 
-    def best(self, problem: str, nfe: int, ours: bool, key: str = "rmse") -> Optional[Dict[str, Any]]:
-        """The best run (smallest finite ``key``) of ours or of the peers at an NFE budget."""
+    def best(self, problem: str, nfe: int, ours: bool, key: str = "rmse",
+             tuned: bool = False) -> Optional[Dict[str, Any]]:
+        """The best run (smallest finite ``key``) of ours or of the peers at an NFE budget; ``tuned``: of ours,
+        the tuned-profile runs only (otherwise they are left out: the generic configurations)."""
         cands = [r for r in self.rows if r["problem"] == problem and r["nfe_budget"] == nfe and not r["error"]
-                 and (r["library"] == "diffsolve") == ours and _finite(r.get(key))]
+                 and (r["library"] == "diffsolve") == ours and _finite(r.get(key))
+                 and (not ours or (r["family"] == H.TUNED) == tuned)]
         return min(cands, key=lambda r: abs(float(r[key]))) if cands else None
 
-    def target_ratios(self, nfes: Sequence[int] = TARGET_NFES, key: str = "rmse") -> List[Dict[str, Any]]:
-        """Our best configuration's error / the best peer configuration's error, per problem and NFE."""
+    def target_ratios(self, nfes: Sequence[int] = TARGET_NFES, key: str = "rmse",
+                      tuned: bool = False) -> List[Dict[str, Any]]:
+        """Our best configuration's error (``tuned``: the tuned profile's) / the best peer configuration's
+        error, per problem and NFE."""
         out = []
         for pr in self.problems:
             for n in nfes:
                 if n not in self.nfes:
                     continue
-                o, p = self.best(pr["name"], n, True, key), self.best(pr["name"], n, False, key)
+                o, p = self.best(pr["name"], n, True, key, tuned), self.best(pr["name"], n, False, key)
+                if tuned and o is None:
+                    continue
                 ratio = float(o[key]) / float(p[key]) if o and p and float(p[key]) > 0 else float("nan")
                 out.append({"problem": pr["name"], "dim": pr["dim"], "nfe": n, "ratio": ratio,
                             "ours": o, "peer": p})
+        return out
+
+    def tuned_reach(self, peer_nfe: int = 10, key: str = "rmse") -> List[Dict[str, Any]]:
+        """Per problem with tuned runs: the fewest NFE at which the tuned profile's error is at most the best
+        peer configuration's error at ``peer_nfe``."""
+        out = []
+        for pr in self.problems:
+            p = self.best(pr["name"], peer_nfe, False, key)
+            runs = [(n, self.best(pr["name"], n, True, key, tuned=True)) for n in self.nfes]
+            runs = [(n, r) for n, r in runs if r is not None]
+            if p is None or not runs:
+                continue
+            hit = [n for n, r in runs if float(r[key]) <= float(p[key])]
+            out.append({"problem": pr["name"], "peer_nfe": peer_nfe, "peer": p, "peer_error": float(p[key]),
+                        "fewest_nfe": min(hit) if hit else None, "tuned_nfes": [n for n, _ in runs]})
         return out
 
 
@@ -123,7 +145,7 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
           overhead_algorithms: Optional[Sequence[str]] = None,
           quick: bool = False, seed: int = 0, threads: Optional[int] = 1, progress: bool = True,
           ref_nfe: int = 200, command: Optional[str] = None, write: Sequence[str] = ("md", "csv", "json", "png"),
-          name: str = "benchmarks") -> BenchResult:
+          name: str = "benchmarks", profiles: Sequence[Any] = ()) -> BenchResult:
     """Run ours and the peers' samplers on the same frozen model and noise; score every run against the
     exact answer for where it stopped; optionally write ``{out}/{name}.md|csv|json|png``.
 
@@ -145,6 +167,9 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
             ``overhead_algorithms`` (default: every algorithm we share with a peer; any solver name works).
         quick: a run under a minute (dim 64, batch 32, NFE 5 and 10, a few solvers and peers).
         threads: torch threads during the run (1: tiny tensors on a shared machine); None leaves it.
+        profiles: tuned profiles (``ds.tune``; paths or ``Profile`` objects): each runs, as family
+            ``tuned profile``, at its NFE budgets on every problem whose model it belongs to (checked by its
+            fingerprint; a profile that matches no problem is reported under ``skipped``).
     """
     t_start = time.perf_counter()
     if quick:
@@ -195,7 +220,26 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
             algos = list(overhead_algorithms or [a for a in H.OVERHEAD_ALGORITHMS if not quick or a in ("ddim", "dpm++2m")])
             n_over = overhead_repeats * sum(2 + sum(1 for p in H.OVERHEAD_ALGORITHMS.get(a, ("", {}, []))[2]
                                                     if p[0] in libs_ok) for a in algos)
-        total = sum(n_ours + (n_peer if not pb.peers_ok else 0) for pb in problems) + n_par + n_over
+        from ..tuning import ProfileMismatch, load_profile
+        tuned_runs = []  # (problem, profile, nfes)
+        for spec in profiles:
+            prof = load_profile(spec)
+            label = prof.path or repr(prof)
+            matched, why = False, "no models"
+            for pb in problems:
+                try:
+                    prof.check(pb.den, pb.shape)
+                except ProfileMismatch as e:
+                    why = str(e)
+                    continue
+                matched = True
+                tuned_runs.append((pb, prof, [n for n in nfes if n in prof.entries]))
+            if not matched:
+                skipped[f"profile {label}"] = f"matches none of the models ({why})"
+                warnings.warn(f"diffsolve.bench: profile {label} matches none of the models", RuntimeWarning,
+                              stacklevel=2)
+        n_tuned = sum(len(ns) for _, _, ns in tuned_runs)
+        total = sum(n_ours + (n_peer if not pb.peers_ok else 0) for pb in problems) + n_par + n_over + n_tuned
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="run", desc="diffsolve bench", disable=not progress, dynamic_ncols=True)
         rows: List[Dict[str, Any]] = []
@@ -208,6 +252,12 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
                             for fi in finals:
                                 rows.append(H.run_ours(pb, s, n, sp, fi))
                                 bar.update(1)
+                for tpb, prof, ns in tuned_runs:
+                    if tpb is pb:
+                        for n in ns:
+                            bar.set_postfix_str(f"{pb.name} tuned NFE {n}", refresh=False)
+                            rows.append(H.run_profile(pb, prof, n))
+                            bar.update(1)
                 if pb.peers_ok:
                     continue
                 for c in cfgs:
@@ -253,6 +303,9 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
         "solvers": our_solvers, "seed": seed, "parity_steps": list(parity_steps),
         "overhead": {"dim": overhead_dim, "batch": overhead_batch, "nfe": overhead_nfe, "repeats": overhead_repeats},
         "jump_tol": H.JUMP_TOL,
+        "profiles": [{"problem": pb.name, "profile": prof.path, "nfes": ns, "model": prof.model.get("fingerprint"),
+                      "calibration": prof.meta.get("calibration"), "teacher": prof.meta.get("teacher")}
+                     for pb, prof, ns in tuned_runs],
     }
     res = BenchResult(rows, parity_rows, over_rows, described, nfes, meta)
     if out:
@@ -340,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--name", default="benchmarks", help="basename of the output files")
+    p.add_argument("--profile", action="append", default=[], metavar="PROFILE.json",
+                   help="also run a tuned profile (`diffsolve tune`) on the model it belongs to (repeatable)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only re-render the report (md, png, csv) of a run from the JSON it wrote")
     return p
@@ -354,6 +409,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res.files = report.write_all(res, args.out, name=args.name, formats=("md", "csv", "png"))
         print(report.summary(res))
         return 0
+    try:
+        from ..tuning import load_profile
+        profiles = [load_profile(p) for p in args.profile]  # a missing or corrupted profile fails before any work
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = bench(out=args.out, dims=_ints(args.dims), nfes=_ints(args.nfes),
                 batch=None if args.batch is None else _ints(args.batch), model=args.model,
                 checkpoint=args.checkpoint, shape=_ints(args.shape) if args.shape else None,
@@ -366,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 overhead_dim=args.overhead_dim, overhead_batch=args.overhead_batch, overhead_nfe=args.overhead_nfe,
                 overhead_repeats=args.overhead_repeats, quick=args.quick, seed=args.seed, threads=args.threads,
                 progress=not args.no_progress, ref_nfe=args.ref_nfe,
-                command="python -m diffsolve.bench " + " ".join(argv_list), name=args.name)
+                command="python -m diffsolve.bench " + " ".join(argv_list), name=args.name,
+                profiles=profiles)
     from . import report
     print(report.summary(res))
     return 0

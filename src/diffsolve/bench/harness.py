@@ -362,11 +362,29 @@ def run_ours(pb: Problem, solver: str, nfe: int, spacing: str, final: str, dtype
     config = {"solver": info.name, "nfe": nfe, "spacing": spacing, "final": final,
               "dtype": str(dtype).replace("torch.", ""), **options}
     row = _row(pb, "diffsolve", info.name, variant, info.name, nfe, config, dtype, info.stochastic)
+    return _run_sample(pb, row, info.name, nfe, spacing=spacing, final=final, dtype=dtype,
+                       seeds=pb.seeds if info.stochastic else None, **options)
+
+
+#: the family name of runs made with a tuned profile (``run_profile``)
+TUNED = "tuned profile"
+
+
+def run_profile(pb: Problem, profile, nfe: int, dtype: torch.dtype = DT) -> Dict[str, Any]:
+    """One run with a tuned profile's entry for ``nfe`` (``ds.sample(..., profile=...)``).  The caller has
+    checked that the profile belongs to ``pb``'s model (``profile.check``)."""
+    e = profile.entry(nfe)
+    config = {"profile": profile.path or "(in memory)", "nfe": nfe, "solver": e.solver, "final": e.final,
+              "t": list(e.t), "options": dict(e.options), "dtype": str(dtype).replace("torch.", "")}
+    row = _row(pb, "diffsolve", TUNED, e.describe(), e.solver, nfe, config, dtype)
+    return _run_sample(pb, row, e.solver, nfe, dtype=dtype, profile=profile)
+
+
+def _run_sample(pb: Problem, row: Dict[str, Any], solver: str, nfe: int, **kwargs) -> Dict[str, Any]:
     pb.net.reset()
     t0 = time.perf_counter()
     try:
-        x, si = ds.sample(pb.den, pb.noise, info.name, nfe=nfe, spacing=spacing, final=final, dtype=dtype,
-                          seeds=pb.seeds if info.stochastic else None, return_info=True, **options)
+        x, si = ds.sample(pb.den, pb.noise, solver, nfe=nfe, return_info=True, **kwargs)
     except Exception as e:  # recorded, never fatal
         row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
         return row

@@ -145,9 +145,9 @@ def target_table(res, nfes: Sequence[int]) -> List[str]:
     return L
 
 
-def ratio_grid(res, nfes: Sequence[int], key: str = "rmse") -> List[str]:
-    ts = res.target_ratios(nfes, key)
-    probs = [p["name"] for p in res.problems]
+def ratio_grid(res, nfes: Sequence[int], key: str = "rmse", tuned: bool = False) -> List[str]:
+    ts = res.target_ratios(nfes, key, tuned=tuned)
+    probs = [p["name"] for p in res.problems if any(t["problem"] == p["name"] for t in ts)]
     L = ["| problem | " + " | ".join(f"NFE {n}" for n in nfes if n in res.nfes) + " |",
          "|---|" + "---|" * len([n for n in nfes if n in res.nfes])]
     for pr in probs:
@@ -159,6 +159,42 @@ def ratio_grid(res, nfes: Sequence[int], key: str = "rmse") -> List[str]:
             r = t["ratio"] if t else float("nan")
             cells.append("—" if not math.isfinite(r) else (f"{r:.2f}" if r <= 1.0 else f"**{r:.2f}** ✗"))
         L.append(f"| {pr} | " + " | ".join(cells) + " |")
+    return L
+
+
+def tuned_table(res, nfes: Sequence[int]) -> List[str]:
+    """Markdown: per problem and NFE the tuned profile's entry, its RMSE and median, the best peer's, ratios."""
+    L = ["| problem | NFE | tuned sampler | tuned RMSE | best peer (configuration) | ratio | tuned median | "
+         "best peer median | ratio (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    med = {(t["problem"], t["nfe"]): t for t in res.target_ratios(nfes, "rmse_median", tuned=True)}
+    for t in res.target_ratios(nfes, tuned=True):
+        o, p = t["ours"], t["peer"]
+        m = med.get((t["problem"], t["nfe"]))
+        pc = f"{_f(p['rmse']):.3e} ({p['library']} {p['family']}, {p['variant']})" if p else "—"
+        mp = m["peer"] if m else None
+        L.append(f"| {t['problem']} | {t['nfe']} | `{o['variant']}` | {_f(o['rmse']):.3e} | {pc} | "
+                 f"**{t['ratio']:.2f}** | {_f(o['rmse_median']):.3e} | "
+                 f"{_f(mp['rmse_median']) if mp else float('nan'):.3e} | {m['ratio'] if m else float('nan'):.2f} |")
+    return L
+
+
+def tuned_findings(res, goal: float = 0.5) -> List[str]:
+    ts = [t for t in res.target_ratios(res.nfes, tuned=True) if math.isfinite(t["ratio"])]
+    if not ts:
+        return []
+    L = []
+    bad = [t for t in ts if t["ratio"] > goal]
+    per = "; ".join(f"{t['problem']} NFE {t['nfe']}: {t['ratio']:.2f}" for t in ts)
+    L.append(f"- **Tuned profiles** (`diffsolve tune`, evaluated on this run's noise, never used in tuning): "
+             f"tuned RMSE / best peer RMSE = {per}. "
+             + (f"At most {goal}x everywhere." if not bad else
+                f"Above {goal}x at " + ", ".join(f"{t['problem']} NFE {t['nfe']}" for t in bad) + "."))
+    for r in res.tuned_reach():
+        few = r["fewest_nfe"]
+        L.append(f"- {r['problem']}: the best peer's NFE-{r['peer_nfe']} RMSE ({r['peer_error']:.3e}, "
+                 f"{r['peer']['library']} {r['peer']['family']}) is reached by the tuned profile "
+                 + (f"with {few} NFE." if few is not None else
+                    f"at none of its NFE budgets ({', '.join(map(str, r['tuned_nfes']))})."))
     return L
 
 
@@ -385,7 +421,10 @@ def write_json(path: str, res) -> None:
             "parity_summary": [{k: v for k, v in e.items()} for e in parity_summary(res.parity)],
             "overhead": res.overhead,
             "targets": [{"problem": t["problem"], "dim": t["dim"], "nfe": t["nfe"], "ratio": t["ratio"],
-                         "ours": _brief(t["ours"]), "peer": _brief(t["peer"])} for t in res.target_ratios()]}
+                         "ours": _brief(t["ours"]), "peer": _brief(t["peer"])} for t in res.target_ratios()],
+            "tuned_targets": [{"problem": t["problem"], "nfe": t["nfe"], "ratio": t["ratio"], "ours": _brief(t["ours"]),
+                               "peer": _brief(t["peer"])} for t in res.target_ratios(res.nfes, tuned=True)],
+            "tuned_reach": [{k: (v if k != "peer" else _brief(v)) for k, v in r.items()} for r in res.tuned_reach()]}
     with open(path, "w") as f:
         json.dump(H.to_jsonable(data), f, separators=(",", ":"))
 
@@ -417,8 +456,10 @@ def write_png(path: str, res) -> None:
             if not pts:
                 continue
             ours = k[0] == "diffsolve"
-            (h,) = ax.plot(*zip(*pts), ls="-" if ours else "--", lw=1.0 if ours else 0.9, marker="o" if ours else "x",
-                           ms=3, color=cmap(j % 20), alpha=0.9)
+            tuned = k[1] == H.TUNED
+            (h,) = ax.plot(*zip(*pts), ls="-" if ours else "--", lw=2.4 if tuned else (1.0 if ours else 0.9),
+                           marker="o" if ours else "x", ms=4 if tuned else 3,
+                           color="red" if tuned else cmap(j % 20), alpha=0.9)
             handles.setdefault(("ours " if ours else k[0] + " ") + k[1], h)
         for ours, ls in ((True, "-"), (False, "--")):
             pts = [(n, _f(b["rmse"])) for n in res.nfes
@@ -496,6 +537,16 @@ def write_md(path: str, res, name: str, notes: str = "") -> None:
         L += ratio_grid(res, [n for n in (5, 6, 8, 10, 15, 20)], key="rmse_median")
         L += ["", "<details><summary>Which configurations</summary>", ""] + target_table(res, res.nfes)
         L += ["", "</details>", ""]
+    if have_peers and res.target_ratios(res.nfes, tuned=True):
+        L += ["## Tuned profiles vs the best peer configuration", "",
+              "A profile from `diffsolve tune` (solver, time grid, last step and DPM-Solver-v3 statistics chosen for "
+              "this model at each NFE on its own calibration seeds) run on this benchmark's noise, which the tuner "
+              "never saw; the peers' row is the best of all their configurations at the same NFE. Profiles: "
+              + "; ".join(f"`{p['profile']}` on {p['problem']} (calibration {p['calibration']})"
+                          for p in m.get("profiles", [])) + ".", ""]
+        L += tuned_findings(res) + [""]
+        L += ["Ratio of RMSEs (tuned / best peer):", ""] + ratio_grid(res, res.nfes, tuned=True) + [""]
+        L += tuned_table(res, res.nfes) + [""]
     if have_peers:
         L += [READING, ""]
     if notes:
@@ -574,6 +625,11 @@ def summary(res) -> str:
     L = [f"{len(res.rows)} runs ({sum(1 for r in res.rows if r['error'])} without a score) in {res.meta['wall']:.0f} s"]
     for t in res.target_ratios():
         L.append(f"  {t['problem']:>12s} NFE {t['nfe']:>2d}: ours/best peer = {t['ratio']:.2f}")
+    for t in res.target_ratios(res.nfes, tuned=True):
+        L.append(f"  {t['problem']:>12s} NFE {t['nfe']:>2d}: tuned profile/best peer = {t['ratio']:.2f}")
+    for r in res.tuned_reach():
+        L.append(f"  {r['problem']:>12s}: tuned reaches the best peer's NFE-{r['peer_nfe']} error with "
+                 f"{r['fewest_nfe'] if r['fewest_nfe'] is not None else 'none of its'} NFE")
     ps = parity_summary(res.parity)
     if ps:
         ok = sum(e["match"] for e in ps)

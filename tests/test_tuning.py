@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve import tune as T
-from diffsolve.tune import Profile, ProfileError, ProfileMismatch
+from diffsolve import tuning as T
+from diffsolve.tuning import Profile, ProfileError, ProfileMismatch
 
 DT = torch.float64
 VP = ds.VPDiscrete.linear(1000)
@@ -152,7 +152,49 @@ def test_command_line(tmp_path, capsys):
                  "--eval", "32", "--no-stats", "--quiet"])
     assert rc == 0 and out.exists()
     assert "| 4 |" in capsys.readouterr().out
-    assert T.sample_main(["--profile", str(out), "--reference", "toy2d", "--nfe", "4", "--n", "8"]) == 0
-    assert "4 NFE" in capsys.readouterr().out
-    assert T.sample_main(["--profile", str(out), "--reference", "gmm64", "--nfe", "4", "--n", "8"]) == 2
+    from diffsolve.cli import main as cli
+    assert cli(["sample", "--profile", str(out), "--reference", "toy2d", "--nfe", "4", "--n", "8",
+                "--out", str(tmp_path / "s")]) == 0
+    text = capsys.readouterr().out
+    assert "4 NFE" in text and "RMSE vs exact ODE" in text
+    info = json.loads((tmp_path / "s" / "info.json").read_text())
+    assert info["nfe"] == 4 and info["solver"] == Profile.load(out).entry(4).solver
+    # another reference model: refused with a clear message, exit code 2
+    assert cli(["sample", "--profile", str(out), "--reference", "gmm64", "--nfe", "4", "--n", "8",
+                "--out", str(tmp_path / "s2")]) == 2
     assert "does not match" in capsys.readouterr().err
+    # an NFE the profile has no entry for
+    assert cli(["sample", "--profile", str(out), "--reference", "toy2d", "--nfe", "7", "--n", "8",
+                "--out", str(tmp_path / "s3")]) == 2
+    assert "no entry for nfe=7" in capsys.readouterr().err
+
+
+def test_bench_runs_the_profile_on_its_own_model_only(tuned, tmp_path):
+    prof, out, _ = tuned
+    other = T.tune(ds.GaussianMixture.random(dim=4, seed=0).denoiser(VP, "epsilon"), [4], data=False, shape=(4,),
+                   calib_seeds=32, eval_seeds=8, time_budget_s=2, progress=False)
+    with pytest.warns(RuntimeWarning, match="matches none of the models"):
+        res = ds.bench(dims=(8,), nfes=NFES, batch=16, solvers=["ddim"], spacings=("logsnr",), finals=("denoise",),
+                       libraries=["diffusers"], parity=False, overhead=False, progress=False,
+                       profiles=[out, other], out=str(tmp_path))
+    tuned_rows = [r for r in res.rows if r["family"] == "tuned profile"]
+    assert sorted(r["nfe_budget"] for r in tuned_rows) == NFES
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=DT)
+    exact = ds.exact_targets(MIX, VP, z)
+    for r in tuned_rows:
+        assert not r["error"] and r["nfe_used"] == r["nfe_budget"]
+        x = ds.sample(MIX.denoiser(VP, "epsilon"), z, profile=prof, nfe=r["nfe_budget"])
+        tgt = exact.for_grid(prof.entry(r["nfe_budget"]).final == "denoise")
+        assert abs(float(((x - tgt) ** 2).mean().sqrt()) - r["rmse"]) < 1e-6 * r["rmse"] + 1e-9
+    # the 4-dim profile belongs to no benchmark model: reported, not run
+    assert any(k.startswith("profile") and "matches none" in v for k, v in res.meta["skipped"].items())
+    # tuned rows are compared with the best peer separately, and not mixed into "ours"
+    t = res.target_ratios(res.nfes, tuned=True)
+    assert [x["nfe"] for x in t] == NFES and all(x["ours"]["family"] == "tuned profile" for x in t)
+    assert all(x["ours"]["family"] != "tuned profile" for x in res.target_ratios())
+    reach = res.tuned_reach(peer_nfe=6)[0]
+    best_peer6 = res.best("mixture-8", 6, False)["rmse"]
+    expect = [n for n in NFES if res.best("mixture-8", n, True, tuned=True)["rmse"] <= best_peer6]
+    assert reach["fewest_nfe"] == (min(expect) if expect else None)
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "## Tuned profiles vs the best peer configuration" in md

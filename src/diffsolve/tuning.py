@@ -27,7 +27,7 @@ What is searched, per NFE budget (``method``):
   (``dpm++2m``, log-SNR, denoise) and the best named-spacing configuration, so the tuned error on
   calibration is never above the starting configuration's.
 
-Time: ``time_budget_s`` (default 255 s) bounds the whole run.  The calibration size, the statistics' K and
+Time: ``time_budget_s`` (default 270 s) bounds the whole run.  The calibration size, the statistics' K and
 lambda points, the screening subset and the search length are derived from the measured cost of one network
 evaluation, and every search stops early with the best so far when its share is spent (a slow or loaded
 machine gives a shorter search, never a longer run).  Progress is shown with tqdm.
@@ -315,7 +315,7 @@ def load_profile(profile: Union[Profile, _PathLike]) -> Profile:
         return profile
     if isinstance(profile, (str, os.PathLike)):
         return Profile.load(profile)
-    raise TypeError(f"profile must be a diffsolve.tune.Profile or a path, got {type(profile).__name__}")
+    raise TypeError(f"profile must be a diffsolve.Profile or a path, got {type(profile).__name__}")
 
 
 def profile_settings(profile: Union[Profile, _PathLike], den: Denoiser, noise: Tensor, nfe: Optional[int],
@@ -757,7 +757,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
          data: Any = None, stats: Optional[V.Statistics] = None, shape: Optional[Sequence[int]] = None,
          teacher: Union[str, Teacher, GaussianMixture, None] = "auto",
          eval_teacher: Union[str, Teacher, GaussianMixture, None] = None,
-         time_budget_s: float = 255.0, out: Optional[_PathLike] = None, metric: str = "rmse",
+         time_budget_s: float = 270.0, out: Optional[_PathLike] = None, metric: str = "rmse",
          solvers: Optional[Sequence[str]] = None, stats_K: Optional[int] = None,
          stats_n_lambda: Optional[int] = None, batch_size: Optional[int] = None,
          model_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, progress: bool = True,
@@ -904,7 +904,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     outer = bar(len(nfes), "tuning", "NFE budget")
     for j, nfe in enumerate(nfes):
         left = clock.left() - reserve_eval * sum(nfes[j:]) / n_total
-        share = max(0.0, left * nfe / sum(nfes[j:]))
+        # shares grow like sqrt(NFE): a run costs ~NFE, but the small budgets gain most from a longer search
+        share = max(0.0, left * math.sqrt(nfe) / sum(math.sqrt(n) for n in nfes[j:]))
         deadline = clock.elapsed() + share
         outer.set_postfix_str(f"NFE {nfe}, {share:.0f} s")
         entries[nfe] = _tune_one(den, runner, cal, ev, nfe, cand_solvers, metric, deadline, clock, seed, say,
@@ -1242,98 +1243,6 @@ def _evolve(S: _Search, start: Candidate, proc, stop: Callable[[], bool], obj: s
 
 
 # ----------------------------------------------------------------------------------------
-# comparison with the peers (exact references only)
-# ----------------------------------------------------------------------------------------
-def bench_noise(dim: int, batch: Optional[int] = None, seed: int = 0) -> Tensor:
-    """The noise ``diffsolve bench`` uses for the exact ``dim``-mixture (one generator for the whole batch)."""
-    from .bench.api import DEFAULT_BATCH
-    b = batch or DEFAULT_BATCH.get(dim, 64)
-    return torch.randn(b, dim, generator=torch.Generator().manual_seed(seed), dtype=DT)
-
-
-def compare_with_peers(profile: Union[Profile, _PathLike], reference: GaussianMixture, noise: Tensor,
-                       nfes: Optional[Sequence[int]] = None, libraries: Optional[Sequence[str]] = None,
-                       progress: bool = True) -> List[Dict[str, Any]]:
-    """The profile's samplers and every peer configuration of ``diffsolve bench`` (diffusers, k-diffusion) on
-    the same ``noise``, scored like the bench: RMSE against the exact answer where each run stops (the exact ODE
-    of ``reference``).  One row per NFE: tuned RMSE, the best peer configuration and its RMSE, their ratio (and
-    the same for the median per-sample RMSE).  The evaluation noise should be disjoint from the profile's
-    calibration noise (``seeded_noise`` of other seeds, or ``bench_noise``)."""
-    from .bench import harness as H
-    from .bench import peers as P
-    from .denoiser import Denoiser as _Den
-    from .processes import process_from_config
-    from .sampling import sample
-
-    prof = load_profile(profile)
-    proc = process_from_config(prof.model["process"])
-    net = H.CountingNet(reference.network(proc, "epsilon"))
-    den = _Den(net, proc, "epsilon", dtype=DT)
-    noise = noise.to(DT)
-    prof.check(den, tuple(noise.shape[1:]))  # (the fingerprint's two calls happen here, before counting)
-    t0 = time.perf_counter()
-    exact = H.ExactReference(reference, proc, noise)
-    pb = H.Problem(f"mixture-{reference.dim}", reference.dim, noise.shape[0], den, net, net, noise, exact,
-                   tuple(noise.shape[1:]))
-    libs = [lib for lib, why in P.available_libraries().items() if not why and (libraries is None or lib in libraries)]
-    cfgs = P.peer_configs(False, libs)
-    nfes = sorted(nfes or prof.nfes)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(nfes) * len(cfgs), desc="peers", disable=not progress, leave=False)
-    rows = []
-    adaptive = []
-    for c in cfgs:
-        if c.adaptive:
-            for tol in c.tolerances:
-                r = H.run_peer_config(pb, c, None, torch.float32, tolerance=tol)
-                H.assign_budget(r, nfes)
-                adaptive.append(r)
-            bar.update(len(nfes))
-    for n in nfes:
-        net.reset()
-        x, info = sample(den, noise, profile=prof, nfe=n, return_info=True)
-        if net.calls != n:
-            raise RuntimeError(f"the profile's NFE-{n} entry made {net.calls} network calls")
-        ep = H.Endpoint("jump") if info.grid.clean_end else H.Endpoint("stop", proc.t_min)
-        tuned = exact.score(x, ep)
-        peer_rows = [r for r in adaptive if r.get("nfe_budget") == n and not r["error"]]
-        for c in cfgs:
-            if not c.adaptive:
-                r = H.run_peer_config(pb, c, n, torch.float32)
-                if not r["error"] and isinstance(r.get("rmse"), float) and math.isfinite(r["rmse"]):
-                    peer_rows.append(r)
-                bar.update(1)
-        best = min(peer_rows, key=lambda r: r["rmse"])
-        best_med = min(peer_rows, key=lambda r: r["rmse_median"])
-        rows.append({"nfe": n, "tuned_rmse": tuned["rmse"], "tuned_rmse_median": tuned["rmse_median"],
-                     "tuned": prof.entry(n).describe(),
-                     "peer_rmse": best["rmse"], "peer": f"{best['library']} {best['family']} ({best['variant']})",
-                     "ratio": tuned["rmse"] / best["rmse"],
-                     "peer_rmse_median": best_med["rmse_median"],
-                     "peer_median": f"{best_med['library']} {best_med['family']} ({best_med['variant']})",
-                     "ratio_median": tuned["rmse_median"] / best_med["rmse_median"]})
-    bar.close()
-    nfe10 = next((r for r in rows if r["nfe"] == 10), None)
-    if nfe10 is not None:
-        reach = [r["nfe"] for r in rows if r["tuned_rmse"] <= nfe10["peer_rmse"]]
-        for r in rows:
-            r["reaches_peer_nfe10"] = r["tuned_rmse"] <= nfe10["peer_rmse"]
-        rows[0]["fewest_nfe_reaching_peer_nfe10"] = min(reach) if reach else None
-    rows[0]["seconds"] = round(time.perf_counter() - t0, 1)
-    return rows
-
-
-def comparison_table(rows: List[Dict[str, Any]]) -> str:
-    out = ["| NFE | tuned RMSE | best peer RMSE (configuration) | ratio | tuned median | best peer median | "
-           "ratio (median) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['nfe']} | {r['tuned_rmse']:.3e} | {r['peer_rmse']:.3e} ({r['peer']}) | "
-                   f"**{r['ratio']:.2f}** | {r['tuned_rmse_median']:.3e} | {r['peer_rmse_median']:.3e} | "
-                   f"{r['ratio_median']:.2f} |")
-    return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
 REFERENCES = {
@@ -1362,7 +1271,7 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile.json", help="profile path (default: %(default)s; a .safetensors is "
                    "written next to it)")
     p.add_argument("--method", choices=("auto", "v3", "grids"), default="auto")
-    p.add_argument("--time-budget", type=float, default=255.0, help="seconds for the whole run (default 255)")
+    p.add_argument("--time-budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
     p.add_argument("--calib", type=int, default=None, help="calibration samples (default: by the budget)")
     p.add_argument("--calib-seed-start", type=int, default=1_000_000)
     p.add_argument("--eval", type=int, default=256, help="evaluation samples (default 256)")
@@ -1373,13 +1282,8 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
                    "path for diffsolve.data.load_dataset, or a .pt/.safetensors tensor); default: model samples")
     p.add_argument("--no-stats", action="store_true", help="no DPM-Solver-v3 statistics")
     p.add_argument("--metric", choices=("rmse", "trimmed", "median"), default="rmse")
-    p.add_argument("--guidance-scale", type=float, default=None, help="--model: guidance scale to tune for")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for --reference)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare-peers", type=int, default=None, metavar="N",
-                   help="references: afterwards score the profile and every diffusers / k-diffusion configuration "
-                        "on N evaluation samples (seeds from --eval-seed-start) against the exact ODE solution "
-                        "(not part of the time budget); 0: on the noise of `diffsolve bench`")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -1401,10 +1305,7 @@ def model_from_args(args) -> Tuple[Denoiser, Optional[GaussianMixture]]:
         ref = REFERENCES[args.reference]()
         return ref.denoiser(VPDiscrete.linear(1000), "epsilon"), ref
     from .checkpoint import load
-    den = load(args.model)
-    if getattr(args, "guidance_scale", None) is not None:
-        den.guidance_scale = float(args.guidance_scale)
-    return den, None
+    return load(args.model), None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1437,19 +1338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     progress=not args.quiet, log=log)
         print(prof.table())
         print(f"\nprofile written to {prof.path} ({time.perf_counter() - t0:.0f} s); use it with "
-              f"ds.sample(den, noise, profile={prof.path!r}, nfe=N)", file=sys.stderr)
-        if args.compare_peers is not None:
-            if ref is None:
-                raise ValueError("--compare-peers needs --reference (an exact answer to score the peers against)")
-            if args.compare_peers == 0:
-                noise = bench_noise(ref.dim)
-            else:
-                noise = seeded_noise(range(args.eval_seed_start, args.eval_seed_start + args.compare_peers), ref.shape)
-            rows = compare_with_peers(prof, ref, noise, progress=not args.quiet)
-            print("\n" + comparison_table(rows))
-            path = Path(prof.path).with_suffix(".peers.json")
-            path.write_text(json.dumps(_json_clean(rows), indent=1) + "\n")
-            print(f"comparison written to {path}", file=sys.stderr)
+              f"ds.sample(den, noise, profile={prof.path!r}, nfe=N) or `diffsolve sample --profile {prof.path} "
+              f"--nfe N ...`; against the peers: `diffsolve bench --profile {prof.path} ...`", file=sys.stderr)
         return 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1458,43 +1348,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(old)
 
 
-def sample_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``diffsolve sample --profile P --nfe N (--reference R | --model M)``: sample with a profile, report the
-    NFE used and, for a reference, the RMSE against the exact ODE solution; ``--out X.safetensors`` saves them."""
-    p = argparse.ArgumentParser(prog="diffsolve sample --profile")
-    p.add_argument("--profile", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--reference", choices=list(REFERENCES))
-    src.add_argument("--model")
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--nfe", type=int, required=True)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seed-start", type=int, default=5_000_000)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    from .sampling import sample
-    try:
-        den, ref = model_from_args(args)
-        prof = Profile.load(args.profile)
-        shape = ref.shape if ref is not None else (getattr(den, "sample_shape", None) or prof.shape)
-        noise = seeded_noise(range(args.seed_start, args.seed_start + args.n), shape)
-        x, info = sample(den, noise, profile=prof, nfe=args.nfe, return_info=True)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    msg = f"{info.solver}: {info.nfe} NFE, {info.steps} steps, final={'denoise' if info.grid.clean_end else 't_min'}"
-    if ref is not None:
-        from .reference import exact_targets
-        tg = exact_targets(ref, den.process, noise * den.process.prior_scale)
-        tgt = tg.for_grid(info.grid.clean_end)
-        msg += f"; RMSE vs the exact ODE solution {float(((x - tgt) ** 2).mean().sqrt()):.4e}"
-    print(msg)
-    if args.out:
-        from safetensors.torch import save_file
-        save_file({"samples": x.contiguous()}, args.out)
-    return 0
-
-
-if __name__ == "__main__":  # python -m diffsolve.tune: run the package's module, not a second copy of it
-    from diffsolve.tune import main as _main
+if __name__ == "__main__":  # python -m diffsolve.tuning: run the package's module, not a second copy of it
+    from diffsolve.tuning import main as _main
     raise SystemExit(_main())
