@@ -870,6 +870,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
             dsrc = data
         if isinstance(dsrc, Tensor) and dsrc.shape[0] < K:
             K = dsrc.shape[0]
+        elif isinstance(dsrc, Tensor) and dsrc.shape[0] > K:  # a random subset, not the first K (often sorted)
+            dsrc = dsrc[torch.randperm(dsrc.shape[0], generator=g)[:K]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             stats = V.compute_statistics(den, dsrc, K=K, n_lambda=n_lam, shape=shape, batch_size=max(batch, 16),
@@ -1167,7 +1169,8 @@ def _tune_one(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfe: int, sol
     search = {"evaluations": S.evaluations, "phases": phases, "screen_n": n_screen, "calib_n": N,
               "finalists": [{"label": c.label, "calib_error": full[c.key],
                              "calib_trimmed": None if d2s[c.key] is None else _objective(d2s[c.key], "trimmed")}
-                            for c in finalists],
+                            for c in sorted(finalists, key=lambda c: full[c.key])[:12]],
+              "n_finalists": len(finalists),
               "chosen": chosen.label, "seconds": round(clock.elapsed() - t_start, 2)}
     return Entry(nfe, chosen.solver, [float(v) for v in chosen.t], chosen.final, dict(chosen.options),
                  chosen.solver == "dpm-v3", full[chosen.key], ev_err["tuned"][0], ev_err["tuned"][1], base, search)
@@ -1279,7 +1282,8 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="auto", help="'auto' (= dpm++3m:100), SOLVER:NFE, or 'exact' (references)")
     p.add_argument("--eval-teacher", default=None, help="teacher of the evaluation targets (default: --teacher)")
     p.add_argument("--data", default=None, help="--model: clean data for the v3 statistics (a dataset name or "
-                   "path for diffsolve.data.load_dataset, or a .pt/.safetensors tensor); default: model samples")
+                   "path for diffsolve.data.load_dataset, or a .pt/.safetensors tensor); default: the training data of the "
+                   "shipped 'mnist' model, model samples for any other model")
     p.add_argument("--no-stats", action="store_true", help="no DPM-Solver-v3 statistics")
     p.add_argument("--metric", choices=("rmse", "trimmed", "median"), default="rmse")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for --reference)")
@@ -1320,8 +1324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data: Any = False
         elif ref is not None:
             data = ref
-        elif args.data:
-            data = _load_tensor(args.data)
+        elif args.data or args.model == "mnist":  # the shipped model: the 5000 images it was trained on
+            data = _load_tensor(args.data or "mnist")
         else:
             data = None
         teacher = "exact" if args.teacher == "exact" else args.teacher

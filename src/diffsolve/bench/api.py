@@ -25,7 +25,7 @@ SPACINGS = ("logsnr", "karras", "uniform", "quadratic")
 FINALS = ("denoise", "t_min")
 NFES = (5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10, 15, 20)
-DEFAULT_BATCH = {64: 256, 3072: 64}
+DEFAULT_BATCH = {64: 256, 3072: 256}  # 256: a batch RMSE that a single sample switching mode moves little
 QUICK_SOLVERS = ("ddim", "dpm++2m", "dpm++3m", "unipc-bh2")
 
 
@@ -153,7 +153,7 @@ def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Seq
         out: output folder (None: write nothing).
         dims: sizes of the exact Gaussian-mixture references (``GaussianMixture.random(dim, seed=0)``, DDPM
             linear, 1000 steps); ignored when ``model``/``checkpoint`` is given.
-        nfes: NFE budgets.  batch: one size for all problems or one per dim (default 256 for 64, 64 otherwise).
+        nfes: NFE budgets.  batch: one size for all problems or one per dim (default 256).
         model: a ``ds.Denoiser`` or a 'module:function' factory returning one; its reference is a high-NFE
             (``ref_nfe``) solution of the same model.  checkpoint: a path for ``ds.load``.
         shape: the model's data shape when it has no ``sample_shape``.
@@ -325,7 +325,7 @@ def _problems(dims, batch, model, checkpoint, shape, seed, ref_nfe) -> List[H.Pr
         label = checkpoint or (model if isinstance(model, str) else type(den.net).__name__)
         return [H.model_problem(den, b, seed, shape, ref_nfe, name=f"model {label}")]
     if batch is None:
-        batches = [DEFAULT_BATCH.get(d, 64) for d in dims]
+        batches = [DEFAULT_BATCH.get(d, 256) for d in dims]
     elif isinstance(batch, int):
         batches = [batch] * len(dims)
     else:
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a run under one minute (dim 64, NFE 5 and 10, a subset)")
     p.add_argument("--dims", default="64,3072", help="exact Gaussian-mixture sizes (default 64,3072)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE budgets (default 5,6,8,10,15,20)")
-    p.add_argument("--batch", default=None, help="batch, one for all or one per dim (default 256 for 64, else 64)")
+    p.add_argument("--batch", default=None, help="batch, one for all or one per dim (default 256)")
     p.add_argument("--model", default=None, help="a checkpoint or diffusers folder, a built-in name (mnist) or module:function returning a ds.Denoiser (reference: a high-NFE "
                                                  "solution of the same model)")
     p.add_argument("--checkpoint", default=None, help="a model checkpoint path for ds.load")
