@@ -178,6 +178,16 @@ def tuned_table(res, nfes: Sequence[int]) -> List[str]:
     return L
 
 
+def _seeds_text(cal) -> str:
+    """'calibration seeds 1000000-1001023 (1024)' from a profile's meta['calibration']."""
+    seeds = (cal or {}).get("seeds")
+    if isinstance(seeds, dict):
+        return f"calibration seeds {seeds['start']}–{seeds['start'] + seeds['count'] - 1} ({seeds['count']})"
+    if isinstance(seeds, list):
+        return f"{len(seeds)} calibration seeds"
+    return "calibration seeds unknown"
+
+
 def tuned_findings(res, goal: float = 0.5) -> List[str]:
     ts = [t for t in res.target_ratios(res.nfes, tuned=True) if math.isfinite(t["ratio"])]
     if not ts:
@@ -542,7 +552,7 @@ def write_md(path: str, res, name: str, notes: str = "") -> None:
               "A profile from `diffsolve tune` (solver, time grid, last step and DPM-Solver-v3 statistics chosen for "
               "this model at each NFE on its own calibration seeds) run on this benchmark's noise, which the tuner "
               "never saw; the peers' row is the best of all their configurations at the same NFE. Profiles: "
-              + "; ".join(f"`{p['profile']}` on {p['problem']} (calibration {p['calibration']})"
+              + "; ".join(f"`{p['profile']}` on {p['problem']} ({_seeds_text(p.get('calibration'))})"
                           for p in m.get("profiles", [])) + ".", ""]
         L += tuned_findings(res) + [""]
         L += ["Ratio of RMSEs (tuned / best peer):", ""] + ratio_grid(res, res.nfes, tuned=True) + [""]
