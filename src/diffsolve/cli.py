@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 
 import diffsolve as ds
+
+from .jsonutil import jsonable
 
 PROCESSES = {
     "vp-linear": ("DDPM linear betas, 1000 discrete steps", lambda: ds.VPDiscrete.linear(1000)),
@@ -52,27 +53,8 @@ def _log(msg: str, quiet: bool = False) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _jsonable(v: Any) -> Any:
-    """NaN/inf -> None, tensors and numpy values -> lists and floats (strict JSON)."""
-    if isinstance(v, torch.Tensor):
-        v = v.tolist()
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    return str(v)
-
-
 def _write_json(path: Path, obj: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _parse_options(items: Sequence[str]) -> Dict[str, Any]:

@@ -16,17 +16,17 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import diffsolve as ds
+
+from ..jsonutil import jsonable
 
 from . import peers as P
 
@@ -703,19 +703,4 @@ def overhead(dim: int = 3072, batch: int = 128, nfe: int = 20, repeats: int = 5,
     return out
 
 
-def to_jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): to_jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [to_jsonable(x) for x in v]
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    try:
-        json.dumps(v)
-        return v
-    except TypeError:
-        return str(v)
+to_jsonable = jsonable  # (the bench files use this name)

@@ -40,7 +40,6 @@ DT = torch.float64
 # availability
 # ----------------------------------------------------------------------------------------
 _K_SAMPLING = None
-_K_ERROR: Optional[str] = None
 
 
 def have_diffusers() -> bool:
@@ -64,7 +63,7 @@ def load_k_sampling():
 
     Raises ImportError when k-diffusion is not installed.
     """
-    global _K_SAMPLING, _K_ERROR
+    global _K_SAMPLING
     if _K_SAMPLING is not None:
         return _K_SAMPLING
     spec = importlib.util.find_spec("k_diffusion")

@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import harness as H

@@ -10,7 +10,7 @@ multiple of 2**(levels - 1) and the output cropped back, so the output shape equ
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch

@@ -175,14 +175,9 @@ class Statistics:
             if model.get("prediction") not in (None, den.prediction):
                 problems.append(f"prediction {den.prediction!r} != statistics' {model.get('prediction')!r}")
             if fingerprint and not problems and self.probe is not None and den not in self._verified:
-                out, fp = model_fingerprint(den, self.shape, model["probe_lambdas"], model.get("probe_seed", 0),
-                                            device=device)
-                ref = self.probe.to(out)
-                rel = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
-                if not rel <= model.get("probe_rtol", 1e-3):
-                    problems.append(f"model fingerprint {fp} != statistics' {model.get('fingerprint')} (outputs on "
-                                    f"the probe inputs differ by {rel:.2e} relative): these statistics were computed "
-                                    "for another model")
+                why = fingerprint_mismatch(den, self.shape, model, self.probe, device)
+                if why:
+                    problems.append(why + ": these statistics were computed for another model")
                 else:
                     self._verified[den] = True
         if problems:
@@ -474,6 +469,19 @@ def model_fingerprint(den: Denoiser, shape: Sequence[int], lambdas: Sequence[flo
     out = torch.cat(outs)
     h = hashlib.sha256(out.to(torch.float32).numpy().round(3).tobytes()).hexdigest()[:16]
     return out, h
+
+
+def fingerprint_mismatch(den: Denoiser, shape: Sequence[int], model: Dict[str, Any], probe: Tensor,
+                         device: Optional[Union[str, torch.device]] = None) -> Optional[str]:
+    """None when ``den`` gives the recorded ``probe`` outputs on the probe inputs that ``model`` (a recorded
+    fingerprint: probe_lambdas, probe_seed, probe_rtol, fingerprint) describes; otherwise what differs."""
+    out, fp = model_fingerprint(den, shape, model["probe_lambdas"], model.get("probe_seed", 0), device=device)
+    ref = probe.to(out)
+    rel = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
+    if rel <= model.get("probe_rtol", 1e-3):
+        return None
+    return (f"model fingerprint {fp} != the recorded {model.get('fingerprint')} (outputs on the probe inputs "
+            f"differ by {rel:.2e} relative)")
 
 
 # ----------------------------------------------------------------------------------------

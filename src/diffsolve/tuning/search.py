@@ -34,334 +34,30 @@ machine gives a shorter search, never a longer run).  Progress is shown with tqd
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
 import os
-import sys
 import time
 import warnings
-import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .denoiser import Denoiser
-from .reference import GaussianMixture
-from .schedules import _from_u, _to_u, _tournament, mutate, steps_for_nfe
-from .solvers import get_solver
-from .solvers import dpm_v3 as V
-from .timesteps import SPACINGS, TimeGrid, explicit, make_grid, validate_times
+from ..denoiser import Denoiser
+from ..reference import GaussianMixture
+from ..schedules import _from_u, _to_u, _tournament, mutate, steps_for_nfe
+from ..solvers import get_solver
+from ..solvers import dpm_v3 as V
+from ..timesteps import explicit, make_grid, validate_times
+from .profile import DT, Entry, Profile, _fmt
 
 Tensor = torch.Tensor
-DT = torch.float64
-FORMAT = "diffsolve.profile/1"
 DEFAULT_NFES = (5, 6, 8, 10)
 DEFAULT_START = ("dpm++2m", "logsnr", "denoise")  # what ds.sample does without options
 GENERIC_SOLVERS = ("unipc-bh2", "dpm++3m")
 NAMED_SPACINGS = ("logsnr", "quadratic", "karras", "five-step")
 _PathLike = Union[str, os.PathLike]
-
-
-class ProfileError(ValueError):
-    """A profile file that cannot be read: missing, not a profile, an unknown format or corrupted."""
-
-
-class ProfileMismatch(V.StatisticsMismatch):
-    """A profile used with a model (or guidance scale, process, data shape) it was not made for."""
-
-
-# ----------------------------------------------------------------------------------------
-# the profile
-# ----------------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    """The tuned sampler for one NFE budget.
-
-    ``t``: the process times of the grid (decreasing; without the clean point for ``final='denoise'``);
-    ``options``: solver options (JSON values; DPM-Solver-v3's statistics are the profile's, ``uses_stats``);
-    ``calib_error`` / ``eval_error``: RMSE against the teacher on the calibration / evaluation noise;
-    ``baselines``: the same errors for the library default and the best named-spacing configuration.
-    """
-
-    nfe: int
-    solver: str
-    t: List[float]
-    final: str
-    options: Dict[str, Any] = field(default_factory=dict)
-    uses_stats: bool = False
-    calib_error: float = math.nan
-    eval_error: Optional[float] = None
-    eval_error_median: Optional[float] = None
-    baselines: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    search: Dict[str, Any] = field(default_factory=dict)
-
-    def grid(self, process) -> TimeGrid:
-        return explicit(process, t=torch.tensor(self.t, dtype=DT), final=self.final)
-
-    def describe(self) -> str:
-        opts = "".join(f", {k}={v}" for k, v in self.options.items())
-        return f"{self.solver} ({len(self.t)} times, final={self.final}{opts})"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _json_clean({"nfe": self.nfe, "solver": self.solver, "t": [float(v) for v in self.t],
-                            "final": self.final, "options": self.options, "uses_stats": self.uses_stats,
-                            "calib_error": self.calib_error, "eval_error": self.eval_error,
-                            "eval_error_median": self.eval_error_median, "baselines": self.baselines,
-                            "search": self.search})
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Entry":
-        d = dict(d)
-        d["calib_error"] = math.nan if d.get("calib_error") is None else d["calib_error"]
-        return cls(**d)
-
-
-class Profile:
-    """Tuned samplers of one model, one per NFE budget (``ds.tune``); ``Profile.load(path)`` reads one back.
-
-    ``model``: what the profile was made for (fingerprint, process, guidance scale, prediction, data shape);
-    ``probe``: the model's outputs on the fingerprint's fixed inputs; ``stats``: DPM-Solver-v3 statistics
-    (or None); ``meta``: teacher, seeds, sizes, timings.
-    """
-
-    def __init__(self, entries: Dict[int, Entry], model: Dict[str, Any], probe: Tensor,
-                 stats: Optional[V.Statistics] = None, meta: Optional[Dict[str, Any]] = None,
-                 path: Optional[str] = None):
-        self.entries = {int(k): v for k, v in sorted(entries.items())}
-        self.model = dict(model)
-        self.probe = probe.to(DT).cpu()
-        self.stats = stats
-        self.meta = dict(meta or {})
-        self.path = path
-        self._verified = weakref.WeakKeyDictionary()
-
-    @property
-    def nfes(self) -> List[int]:
-        return list(self.entries)
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        return tuple(self.model["shape"])
-
-    def __repr__(self) -> str:
-        return (f"Profile(nfes={self.nfes}, shape={self.shape}, model={self.model.get('fingerprint')}, "
-                f"guidance_scale={self.model.get('guidance_scale')})")
-
-    def entry(self, nfe: Optional[int]) -> Entry:
-        """The entry for exactly ``nfe`` (``None``: the only entry of a one-entry profile)."""
-        if nfe is None:
-            if len(self.entries) == 1:
-                return next(iter(self.entries.values()))
-            raise ValueError(f"this profile has entries for NFE {self.nfes}; pass nfe= (one of them)")
-        if isinstance(nfe, bool) or not isinstance(nfe, int):
-            raise ValueError(f"nfe must be an integer, got {nfe!r}")
-        if nfe not in self.entries:
-            raise ValueError(f"this profile has no entry for nfe={nfe}; it was tuned for NFE {self.nfes} "
-                             f"(run `diffsolve tune ... --nfe {nfe}` to add one)")
-        return self.entries[nfe]
-
-    # -- validity --------------------------------------------------------------------
-    def check(self, den: Denoiser, shape: Optional[Sequence[int]] = None) -> None:
-        """Raise ``ProfileMismatch`` unless this profile belongs to ``den`` (process, guidance scale,
-        prediction, network fingerprint) and data of ``shape``.  The fingerprint (two network calls on fixed
-        inputs; ``den.nfe`` is left unchanged) is checked once per model object."""
-        problems = []
-        if not isinstance(den, Denoiser):
-            raise TypeError("den must be a diffsolve.Denoiser")
-        m = self.model
-        if shape is not None and tuple(shape) != self.shape:
-            problems.append(f"data shape {tuple(shape)} != the profile's {self.shape}")
-        cfg = V._jsonable(den.process.config())
-        if m.get("process") != cfg:
-            problems.append(f"process {cfg} != the profile's {m.get('process')}")
-        if abs(float(m.get("guidance_scale", 1.0)) - float(den.guidance_scale)) > 1e-12:
-            problems.append(f"guidance scale {den.guidance_scale} != the profile's {m.get('guidance_scale')} "
-                            "(a profile is tuned for one guidance scale; tune again for this one)")
-        if m.get("prediction") not in (None, den.prediction):
-            problems.append(f"prediction {den.prediction!r} != the profile's {m.get('prediction')!r}")
-        if not problems and den not in self._verified:
-            try:
-                out, fp = V.model_fingerprint(den, self.shape, m["probe_lambdas"], m.get("probe_seed", 0))
-            except (RuntimeError, ValueError) as e:
-                raise ProfileMismatch(f"profile does not match: the model fails on the profile's data shape "
-                                      f"{self.shape} ({type(e).__name__}: {e})") from None
-            ref = self.probe.to(out)
-            rel = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
-            if not rel <= m.get("probe_rtol", 1e-3):
-                problems.append(f"model fingerprint {fp} != the profile's {m.get('fingerprint')} (outputs on the "
-                                f"probe inputs differ by {rel:.2e} relative): this profile was tuned for another "
-                                "model")
-            else:
-                self._verified[den] = True
-        if problems:
-            where = f" ({self.path})" if self.path else ""
-            raise ProfileMismatch("profile does not match" + where + ": " + "; ".join(problems))
-
-    def settings(self, den: Denoiser, nfe: Optional[int], shape: Optional[Sequence[int]] = None,
-                 check: bool = True) -> Tuple[str, TimeGrid, Dict[str, Any], Entry]:
-        """(solver, grid, options, entry) that ``ds.sample`` uses for ``nfe`` (after ``check``)."""
-        if check:
-            self.check(den, shape)
-        e = self.entry(nfe)
-        opts = dict(e.options)
-        if e.uses_stats:
-            if self.stats is None:
-                raise ProfileError("the profile's entry uses DPM-Solver-v3 statistics but it has none")
-            opts.update(stats=self.stats, check_stats=False)  # the profile's own check covered the model
-        return e.solver, e.grid(den.process), opts, e
-
-    def sample(self, den: Denoiser, noise: Tensor, nfe: Optional[int] = None, **kwargs: Any):
-        """``ds.sample(den, noise, profile=self, nfe=nfe, **kwargs)``."""
-        from .sampling import sample
-        return sample(den, noise, nfe=nfe, profile=self, **kwargs)
-
-    # -- report ----------------------------------------------------------------------
-    def table(self) -> str:
-        """A Markdown table: per NFE the tuned sampler and its calibration / evaluation errors."""
-        lines = ["| NFE | tuned sampler | calib RMSE | eval RMSE | eval RMSE, default dpm++2m | "
-                 "eval RMSE, best named spacing |", "|---|---|---|---|---|---|"]
-        for n, e in self.entries.items():
-            d, b = e.baselines.get("default", {}), e.baselines.get("best_named", {})
-            lines.append(f"| {n} | {e.describe()} | {_fmt(e.calib_error)} | {_fmt(e.eval_error)} | "
-                         f"{_fmt(d.get('eval_error'))} | {_fmt(b.get('eval_error'))} ({b.get('label', '')}) |")
-        return "\n".join(lines)
-
-    # -- persistence -----------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
-        return _json_clean({"format": FORMAT, "model": self.model, "meta": self.meta,
-                            "entries": {str(n): e.to_dict() for n, e in self.entries.items()}})
-
-    def save(self, path: _PathLike) -> str:
-        """Write ``path`` (JSON; ``.json`` is appended when missing) and its tensors next to it
-        (``<stem>.safetensors``); both are replaced atomically.  Returns the JSON path."""
-        from safetensors.torch import save_file
-
-        jpath = Path(os.fspath(path))
-        if jpath.suffix != ".json":
-            jpath = jpath.with_name(jpath.name + ".json")
-        jpath.parent.mkdir(parents=True, exist_ok=True)
-        tpath = jpath.with_suffix(".safetensors")
-        tensors = {"probe": self.probe.contiguous()}
-        tmeta: Dict[str, str] = {"format": FORMAT}
-        if self.stats is not None:
-            st = self.stats
-            tensors.update({"stats.lam": st.lam.contiguous(), "stats.l": st.l.contiguous(),
-                            "stats.s": st.s.contiguous(), "stats.b": st.b.contiguous()})
-            if st.probe is not None:
-                tensors["stats.probe"] = st.probe.contiguous()
-            tmeta["stats_meta"] = json.dumps(dict(st.meta, extrapolate=st.extrapolate), sort_keys=True, default=float)
-        save_file(tensors, str(tpath) + ".tmp", metadata=tmeta)
-        os.replace(str(tpath) + ".tmp", tpath)
-        body = self.to_dict()
-        body["tensors"] = {"file": tpath.name, "sha256": _sha256_file(tpath)}
-        body["checksum"] = _checksum(body)
-        tmp = str(jpath) + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(body, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, jpath)
-        self.path = str(jpath)
-        return str(jpath)
-
-    @classmethod
-    def load(cls, path: _PathLike) -> "Profile":
-        """Read a profile written by ``save``; ``ProfileError`` when it is missing, unreadable or corrupted."""
-        from safetensors import safe_open
-
-        jpath = Path(os.fspath(path))
-        if not jpath.exists() and jpath.with_name(jpath.name + ".json").exists():
-            jpath = jpath.with_name(jpath.name + ".json")
-        if not jpath.is_file():
-            raise ProfileError(f"no profile at {jpath}")
-        try:
-            body = json.loads(jpath.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProfileError(f"{jpath} is not a readable profile (corrupted JSON: {e})") from None
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            fmt = body.get("format") if isinstance(body, dict) else None
-            raise ProfileError(f"{jpath} is not a diffsolve profile (format {fmt!r}, expected {FORMAT!r})")
-        if body.get("checksum") != _checksum({k: v for k, v in body.items() if k != "checksum"}):
-            raise ProfileError(f"{jpath} is corrupted: its checksum does not match its contents "
-                               "(edited or damaged; tune again)")
-        tinfo = body.get("tensors") or {}
-        tpath = jpath.with_name(str(tinfo.get("file", "")))
-        if not tinfo.get("file") or not tpath.is_file():
-            raise ProfileError(f"the profile's tensor file {tpath} is missing (it belongs next to {jpath.name})")
-        if _sha256_file(tpath) != tinfo.get("sha256"):
-            raise ProfileError(f"{tpath} is corrupted or belongs to another profile (its sha256 does not match "
-                               f"the one recorded in {jpath.name})")
-        try:
-            with safe_open(str(tpath), framework="pt") as f:
-                t = {k: f.get_tensor(k) for k in f.keys()}
-                tmeta = f.metadata() or {}
-        except Exception as e:  # safetensors raises its own error types
-            raise ProfileError(f"{tpath} is not a readable safetensors file: {e}") from None
-        stats = None
-        if "stats.lam" in t:
-            smeta = json.loads(tmeta.get("stats_meta", "{}"))
-            extrapolate = bool(smeta.pop("extrapolate", False))
-            stats = V.Statistics(t["stats.lam"], t["stats.l"], t["stats.s"], t["stats.b"], smeta,
-                                 t.get("stats.probe"), extrapolate)
-        entries = {int(k): Entry.from_dict(v) for k, v in body["entries"].items()}
-        return cls(entries, body["model"], t["probe"], stats, body.get("meta"), path=str(jpath))
-
-
-def load_profile(profile: Union[Profile, _PathLike]) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    if isinstance(profile, (str, os.PathLike)):
-        return Profile.load(profile)
-    raise TypeError(f"profile must be a diffsolve.Profile or a path, got {type(profile).__name__}")
-
-
-def profile_settings(profile: Union[Profile, _PathLike], den: Denoiser, noise: Tensor, nfe: Optional[int],
-                     grid: Any, options: Dict[str, Any]) -> Tuple[str, TimeGrid, Dict[str, Any]]:
-    """What ``ds.sample(..., profile=...)`` runs: the entry's solver, grid and options (the caller's options
-    override the entry's).  Refuses a profile made for another model."""
-    if grid is not None:
-        raise ValueError("pass either profile= or grid=, not both (the profile's entry has its own grid)")
-    p = load_profile(profile)
-    solver, tgrid, opts, _ = p.settings(den, nfe, tuple(noise.shape[1:]))
-    opts.update(options)
-    return solver, tgrid, opts
-
-
-def _checksum(body: Dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
-
-
-def _sha256_file(path: _PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_clean(v: Any) -> Any:
-    """NaN/inf -> None; tensors, numpy values and tuples -> JSON values."""
-    if isinstance(v, Tensor):
-        v = v.tolist()
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _json_clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_clean(x) for x in v]
-    return v
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "—" if v is None or not math.isfinite(float(v)) else f"{float(v):.3e}"
-
 
 # ----------------------------------------------------------------------------------------
 # noise, teacher, sets
@@ -420,11 +116,11 @@ class Teacher:
     def targets(self, den: Denoiser, noise: Tensor, batch: int, kwargs: Dict[str, Any],
                 bar=None) -> Tuple[Tensor, Tensor]:
         """(x at t_min, clean target) for each noise sample."""
-        from .sampling import sample
+        from ..sampling import sample
 
         proc = den.process
         if self.exact is not None:
-            from .reference import exact_targets
+            from ..reference import exact_targets
             tm, dn = [], []
             for i in range(0, noise.shape[0], batch):
                 tg = exact_targets(self.exact, proc, noise[i:i + batch].to(DT) * proc.prior_scale)
@@ -575,7 +271,7 @@ class _Runner:
         return o
 
     def run(self, c: Candidate, noise: Tensor, nfe: int) -> Optional[Tensor]:
-        from .sampling import sample
+        from ..sampling import sample
 
         grid = explicit(self.den.process, t=c.t, final=c.final)
         opts = self.options(c)
@@ -1243,115 +939,3 @@ def _evolve(S: _Search, start: Candidate, proc, stop: Callable[[], bool], obj: s
                 stale = 0
                 if mutation <= 0.05 + 1e-12 and gen > 4 * patience:
                     break
-
-
-# ----------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------
-REFERENCES = {
-    "gmm64": lambda: GaussianMixture.random(64, seed=0),
-    "gmm3072": lambda: GaussianMixture.random(3072, seed=0),
-    "toy2d": lambda: GaussianMixture.toy2d(),
-}
-
-
-def _ints(vals) -> List[int]:
-    out = []
-    for v in vals:
-        out += [int(x) for x in str(v).split(",") if x.strip()]
-    return out
-
-
-def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Tune a sampler of one model per NFE budget and write a "
-                                "profile (JSON + safetensors) for `ds.sample(..., profile=...)`.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--reference", choices=list(REFERENCES), help="an exact Gaussian-mixture reference model "
-                     "(DDPM linear, epsilon prediction)")
-    src.add_argument("--model", help="a checkpoint folder, a diffusers model folder or a shipped model name "
-                     "(ds.load)")
-    p.add_argument("--nfe", nargs="+", default=[str(n) for n in DEFAULT_NFES], help="NFE budgets (default 5 6 8 10)")
-    p.add_argument("--out", default="profile.json", help="profile path (default: %(default)s; a .safetensors is "
-                   "written next to it)")
-    p.add_argument("--method", choices=("auto", "v3", "grids"), default="auto")
-    p.add_argument("--time-budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
-    p.add_argument("--calib", type=int, default=None, help="calibration samples (default: by the budget)")
-    p.add_argument("--calib-seed-start", type=int, default=1_000_000)
-    p.add_argument("--eval", type=int, default=256, help="evaluation samples (default 256)")
-    p.add_argument("--eval-seed-start", type=int, default=0)
-    p.add_argument("--teacher", default="auto", help="'auto' (= dpm++3m:100), SOLVER:NFE, or 'exact' (references)")
-    p.add_argument("--eval-teacher", default=None, help="teacher of the evaluation targets (default: --teacher)")
-    p.add_argument("--data", default=None, help="--model: clean data for the v3 statistics (a dataset name or "
-                   "path for diffsolve.data.load_dataset, or a .pt/.safetensors tensor); default: the training data of the "
-                   "shipped 'mnist' model, model samples for any other model")
-    p.add_argument("--no-stats", action="store_true", help="no DPM-Solver-v3 statistics")
-    p.add_argument("--metric", choices=("rmse", "trimmed", "median"), default="rmse")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for --reference)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    return p
-
-
-def _load_tensor(path: str) -> Tensor:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        d = load_file(path)
-        return next(iter(d.values()))
-    if path.endswith(".pt"):
-        return torch.load(path, weights_only=True)
-    from .data import load_dataset
-    return load_dataset(path)
-
-
-def model_from_args(args) -> Tuple[Denoiser, Optional[GaussianMixture]]:
-    from .processes import VPDiscrete
-    if args.reference:
-        ref = REFERENCES[args.reference]()
-        return ref.denoiser(VPDiscrete.linear(1000), "epsilon"), ref
-    from .checkpoint import load
-    return load(args.model), None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    threads = args.threads if args.threads is not None else (1 if args.reference else None)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        den, ref = model_from_args(args)
-        if args.no_stats:
-            data: Any = False
-        elif ref is not None:
-            data = ref
-        elif args.data or args.model == "mnist":  # the shipped model: the 5000 images it was trained on
-            data = _load_tensor(args.data or "mnist")
-        else:
-            data = None
-        teacher = "exact" if args.teacher == "exact" else args.teacher
-        log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-        t0 = time.perf_counter()
-        cal = None
-        if args.calib is not None:
-            cal = list(range(args.calib_seed_start, args.calib_seed_start + args.calib))
-        prof = tune(den, _ints(args.nfe), args.method, calib_seeds=cal,
-                    eval_seeds=list(range(args.eval_seed_start, args.eval_seed_start + args.eval)),
-                    data=data, shape=ref.shape if ref is not None else None, teacher=parse_teacher(teacher, ref),
-                    eval_teacher=None if args.eval_teacher is None else parse_teacher(args.eval_teacher, ref),
-                    time_budget_s=args.time_budget, out=args.out, metric=args.metric, seed=args.seed,
-                    progress=not args.quiet, log=log)
-        print(prof.table())
-        print(f"\nprofile written to {prof.path} ({time.perf_counter() - t0:.0f} s); use it with "
-              f"ds.sample(den, noise, profile={prof.path!r}, nfe=N) or `diffsolve sample --profile {prof.path} "
-              f"--nfe N ...`; against the peers: `diffsolve bench --profile {prof.path} ...`", file=sys.stderr)
-        return 0
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(old)
-
-
-if __name__ == "__main__":  # python -m diffsolve.tuning: run the package's module, not a second copy of it
-    from diffsolve.tuning import main as _main
-    raise SystemExit(_main())

@@ -1,0 +1,14 @@
+"""Fit a sampler to one frozen model (``ds.tune``) and keep it in a profile (``ds.Profile``).
+
+* ``search``: the tuner (``tune``): per NFE budget, solver, time grid, last step and options chosen on calibration
+  noise against a teacher, reported on disjoint evaluation noise.
+* ``profile``: the profile file (``Profile``), refused by another model, process, guidance scale or data shape.
+* ``cli``: ``diffsolve tune`` (``python -m diffsolve.tuning``).
+"""
+from .cli import main
+from .profile import (FORMAT, Entry, Profile, ProfileError, ProfileMismatch, load_profile,
+                      profile_settings)
+from .search import DEFAULT_NFES, Teacher, family_times, parse_teacher, seeded_noise, tune
+
+__all__ = ["tune", "Profile", "Entry", "ProfileError", "ProfileMismatch", "load_profile", "profile_settings",
+           "Teacher", "parse_teacher", "seeded_noise", "family_times", "FORMAT", "DEFAULT_NFES", "main"]
