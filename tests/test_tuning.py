@@ -198,3 +198,16 @@ def test_bench_runs_the_profile_on_its_own_model_only(tuned, tmp_path):
     assert reach["fewest_nfe"] == (min(expect) if expect else None)
     md = (tmp_path / "benchmarks.md").read_text()
     assert "## Tuned profiles vs the best peer configuration" in md
+
+
+def test_auto_skips_statistics_the_budget_cannot_make_reliable():
+    """With a budget that allows fewer than MIN_AUTO_K data points, method 'auto' does not compute v3 statistics
+    (they would be too noisy to win) and says so in the profile; an explicit stats_K keeps them."""
+    den = MIX.denoiser(VP, "epsilon")
+    prof = T.tune(den, [4], data=MIX, calib_seeds=range(100, 132), eval_seeds=8, time_budget_s=1e-3, progress=False)
+    assert "skipped" in prof.meta["statistics"] and prof.stats is None
+    assert all(e.solver != "dpm-v3" for e in prof.entries.values())
+    assert prof.meta["evaluation"]["n"] == 8
+    forced = T.tune(den, [4], data=MIX, calib_seeds=range(100, 132), eval_seeds=8, stats_K=32, stats_n_lambda=5,
+                    time_budget_s=1e-3, progress=False)
+    assert forced.meta["statistics"] is None or "skipped" not in forced.meta["statistics"]

@@ -46,7 +46,7 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
     p.add_argument("--calib", type=int, default=None, help="calibration samples (default: by the budget)")
     p.add_argument("--calib-seed-start", type=int, default=1_000_000)
-    p.add_argument("--eval", type=int, default=256, help="evaluation samples (default 256)")
+    p.add_argument("--eval", type=int, default=None, help="evaluation samples (default 256; 128 for a slow model)")
     p.add_argument("--eval-seed-start", type=int, default=0)
     p.add_argument("--teacher", default="auto", help="'auto' (= dpm++3m:100), SOLVER:NFE, or 'exact' (references)")
     p.add_argument("--eval-teacher", default=None, help="teacher of the evaluation targets (default: --teacher)")
@@ -104,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.calib is not None:
             cal = list(range(args.calib_seed_start, args.calib_seed_start + args.calib))
         prof = tune(den, _ints(args.nfe), args.method, calib_seeds=cal,
-                    eval_seeds=list(range(args.eval_seed_start, args.eval_seed_start + args.eval)),
+                    eval_seeds=None if args.eval is None and args.eval_seed_start == 0 else
+                    list(range(args.eval_seed_start, args.eval_seed_start + (args.eval or 256))),
                     data=data, shape=ref.shape if ref is not None else None, teacher=parse_teacher(teacher, ref),
                     eval_teacher=None if args.eval_teacher is None else parse_teacher(args.eval_teacher, ref),
                     time_budget_s=args.time_budget, out=args.out, metric=args.metric, seed=args.seed,

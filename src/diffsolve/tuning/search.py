@@ -56,7 +56,9 @@ Tensor = torch.Tensor
 DEFAULT_NFES = (5, 6, 8, 10)
 DEFAULT_START = ("dpm++2m", "logsnr", "denoise")  # what ds.sample does without options
 GENERIC_SOLVERS = ("unipc-bh2", "dpm++3m")
-NAMED_SPACINGS = ("logsnr", "quadratic", "karras", "five-step")
+NAMED_SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "five-step")
+#: below this many data points the statistics are too noisy to help (method 'auto' then skips DPM-Solver-v3)
+MIN_AUTO_K = 256
 _PathLike = Union[str, os.PathLike]
 
 # ----------------------------------------------------------------------------------------
@@ -449,7 +451,7 @@ def _option_variants(solver: str) -> List[Dict[str, Any]]:
 
 
 def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto", *,
-         calib_seeds: Union[int, Sequence[int], None] = None, eval_seeds: Union[int, Sequence[int], None] = 256,
+         calib_seeds: Union[int, Sequence[int], None] = None, eval_seeds: Union[int, Sequence[int], None] = None,
          data: Any = None, stats: Optional[V.Statistics] = None, shape: Optional[Sequence[int]] = None,
          teacher: Union[str, Teacher, GaussianMixture, None] = "auto",
          eval_teacher: Union[str, Teacher, GaussianMixture, None] = None,
@@ -468,7 +470,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         calib_seeds: calibration noise: a count (seeds 1_000_000, 1_000_001, ...) or explicit seeds; default: as
             many as the time budget allows (128..2048).  One generator per sample (``seeded_noise``).
         eval_seeds: evaluation noise, a count (seeds 0, 1, ...) or explicit seeds; must be disjoint from
-            ``calib_seeds``.  Only used to report the tuned error, never to choose.
+            ``calib_seeds``; default 256 (128 for a model too slow to give 256 teacher targets in 10% of the budget).  Only used to report the tuned error, never to choose.
         data: clean samples for the v3 statistics ([N, *shape] tensor, a callable ``(n, generator)``, or a
             ``GaussianMixture`` to sample from); ``None``: draw them from the model itself (dpm++3m, 50 NFE);
             ``False``: no statistics (method 'auto' then tunes the statistics-free solvers only).
@@ -509,7 +511,6 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     shape = tuple(int(s) for s in shape)
     teach = parse_teacher(teacher, ref)
     eteach = teach if eval_teacher is None else parse_teacher(eval_teacher, ref)
-    eval_list = _seed_list(eval_seeds, 0, 256)
     old_nfe = den.nfe
 
     from tqdm.auto import tqdm
@@ -531,6 +532,9 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     # 2. sizes from the budget
     B = float(time_budget_s)
     t_nfe = teach.nfe if teach.exact is None else 60  # the exact ODE: roughly 60 evaluations' worth
+    if eval_seeds is None:  # 256, or 128 when the teacher's targets for 256 would take over 10% of the budget
+        eval_seeds = 256 if 256 * t_nfe * tau <= 0.1 * B else 128
+    eval_list = _seed_list(eval_seeds, 0, 256)
     if calib_seeds is None:
         n_cal = 128
         for n in (2048, 1536, 1024, 768, 512, 384, 256):
@@ -550,13 +554,18 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
 
     # 3. statistics
     st_info: Dict[str, Any] = {}
+    K, n_lam = stats_K, stats_n_lambda
+    if use_v3 and stats is None and (K is None or n_lam is None):
+        for k_, n_ in ((1024, 41), (512, 41), (256, 31), (128, 21)):
+            if k_ * n_ * 10 * tau <= 0.12 * B or k_ == 128:
+                K, n_lam = K or k_, n_lam or n_
+                break
+        if method == "auto" and stats_K is None and K < MIN_AUTO_K:
+            use_v3 = False
+            st_info = {"skipped": f"the time budget allows only K={K} data points (< {MIN_AUTO_K}): too noisy "
+                                  "statistics; pass stats_K= or a longer time budget"}
+            say(f"DPM-Solver-v3 skipped: {st_info['skipped']}")
     if use_v3 and stats is None:
-        K, n_lam = stats_K, stats_n_lambda
-        if K is None or n_lam is None:
-            for k_, n_ in ((1024, 41), (512, 41), (256, 31), (128, 21)):
-                if k_ * n_ * 10 * tau <= 0.12 * B or k_ == 128:
-                    K, n_lam = K or k_, n_lam or n_
-                    break
         say(f"computing DPM-Solver-v3 statistics (K={K}, {n_lam} log-SNR points) ...")
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(12345 + seed)
@@ -612,7 +621,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         e = entries[nfe]
         say(f"NFE {nfe}: {e.describe()}  calib {_fmt(e.calib_error)} (default {_fmt(e.baselines['default']['calib_error'])})"
             f"  eval {_fmt(e.eval_error)} (default {_fmt(e.baselines['default'].get('eval_error'))}, best named "
-            f"{_fmt(e.baselines['best_named'].get('eval_error'))})")
+            f"{_fmt(e.baselines.get('best_named', {}).get('eval_error'))})")
     outer.close()
     den.nfe = old_nfe
     uses = any(e.uses_stats for e in entries.values())
@@ -621,7 +630,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         "calibration": {"seeds": _compact_seeds(cal_list), "n": len(cal_list)},
         "evaluation": {"seeds": _compact_seeds(eval_list), "n": len(eval_list)},
         "noise": "sample i = torch.randn(shape, generator=torch.Generator().manual_seed(seed_i), dtype=float64)",
-        "statistics": st_info if uses else ({"computed_but_unused": st_info} if st_info else None),
+        "statistics": st_info if uses or "skipped" in st_info else
+        ({"computed_but_unused": st_info} if st_info else None),
         "batch": batch, "seconds": round(clock.elapsed(), 2), "teacher_seconds": round(t_teacher, 2),
         "time_budget_s": time_budget_s, "solvers": cand_solvers, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,
@@ -711,8 +721,8 @@ def _tune_one(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfe: int, sol
     while k_final > 1 and (2 * k_final + 2) * full_cost > 0.35 * budget:
         k_final -= 1
     n_screen = N
-    while n_screen > 128 and len(cands) * runner.cost(n_screen, nfe) > 0.3 * budget:
-        n_screen = max(128, n_screen // 2)
+    while n_screen > 64 and len(cands) * runner.cost(n_screen, nfe) > 0.3 * budget:
+        n_screen = max(64, n_screen // 2)
     stratify = n_screen < N
     n_probe = 0
     if stratify:
