@@ -180,6 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options = _parse_options(args.option)
     prof = _load_profile(args)
     prediction = args.prediction or (prof.model.get("prediction") if prof is not None else None) or "x0"
+    args.prediction = prediction  # recorded in info.json
     proc = PROCESSES[args.process][1]()
     ref = REFERENCES[args.reference][1]()
     den = ref.denoiser(proc, prediction)
