@@ -35,7 +35,6 @@ machine gives a shorter search, never a longer run).  Progress is shown with tqd
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from ..schedules import _from_u, _to_u, _tournament, mutate, steps_for_nfe
 from ..solvers import get_solver
 from ..solvers import dpm_v3 as V
 from ..timesteps import explicit, make_grid, validate_times
-from .profile import DT, Entry, Profile, _fmt
+from .profile import DT, Entry, Profile, _fmt, _PathLike
 
 Tensor = torch.Tensor
 DEFAULT_NFES = (5, 6, 8, 10)
@@ -59,7 +58,6 @@ GENERIC_SOLVERS = ("unipc-bh2", "dpm++3m")
 NAMED_SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "five-step")
 #: below this many data points the statistics are too noisy to help (method 'auto' then skips DPM-Solver-v3)
 MIN_AUTO_K = 256
-_PathLike = Union[str, os.PathLike]
 
 # ----------------------------------------------------------------------------------------
 # noise, teacher, sets
