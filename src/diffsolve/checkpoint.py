@@ -51,6 +51,21 @@ def model_time_fn(name: str, process: NoiseProcess) -> Callable[[Tensor], Tensor
     raise ValueError(f"unknown model_time {name!r}; use one of {MODEL_TIMES}")
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a .safetensors file atomically (a temporary file, then a rename), readable like any file the
+    process creates (safetensors itself writes 0600)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def sha256_file(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -76,7 +91,6 @@ def save_model(path: PathLike, net: torch.nn.Module, config: Mapping[str, Any],
     to the net's own (``diffsolve.models.UNet``).  Other keys (sample_shape, dataset, training_steps,
     ...) are stored as given.  Returns the folder.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -103,12 +117,7 @@ def save_model(path: PathLike, net: torch.nn.Module, config: Mapping[str, Any],
             v = v.to(dtype)
         tensors[k] = v.contiguous().clone()
     wpath = path / WEIGHTS
-    tmp = path / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, wpath)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(wpath, 0o666 & ~umask)  # safetensors writes 0600; package data must be world-readable
+    save_safetensors(tensors, wpath)  # package data must be world-readable
     stored = {str(v.dtype).replace("torch.", "") for v in tensors.values() if v.is_floating_point()}
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in cfg.items() if k != "weights"}}
     cfg["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath),

@@ -121,17 +121,14 @@ class Statistics:
     # -- persistence -----------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> str:
         """Write a .safetensors file: tensors lam, l, s, b (and the fingerprint probe), JSON metadata."""
-        from safetensors.torch import save_file
+        from ..checkpoint import save_safetensors
 
         path = os.fspath(path)
-        tensors = {"lam": self.lam.contiguous(), "l": self.l.contiguous(), "s": self.s.contiguous(),
-                   "b": self.b.contiguous()}
+        tensors = {"lam": self.lam, "l": self.l, "s": self.s, "b": self.b}
         if self.probe is not None:
-            tensors["probe"] = self.probe.contiguous()
+            tensors["probe"] = self.probe
         meta = dict(self.meta, format=FORMAT, extrapolate=self.extrapolate)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"diffsolve": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
+        save_safetensors(tensors, path, {"diffsolve": json.dumps(meta, sort_keys=True)})
         return path
 
     @classmethod
@@ -709,12 +706,9 @@ def _chunk_file(part_dir: str, ci: int) -> str:
 
 
 def _save_chunk(part_dir: str, ci: int, config: dict, res: Dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
+    from ..checkpoint import save_safetensors
 
-    f = _chunk_file(part_dir, ci)
-    save_file({k: v.contiguous() for k, v in res.items()}, f + ".tmp",
-              metadata={"config": json.dumps(config, sort_keys=True)})
-    os.replace(f + ".tmp", f)
+    save_safetensors(res, _chunk_file(part_dir, ci), {"config": json.dumps(config, sort_keys=True)})
 
 
 def _load_chunk(part_dir: str, ci: int, config: dict) -> Optional[Dict[str, Tensor]]:

@@ -17,11 +17,10 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
-REFERENCES = {
-    "gmm64": lambda: GaussianMixture.random(64, seed=0),
-    "gmm3072": lambda: GaussianMixture.random(3072, seed=0),
-    "toy2d": lambda: GaussianMixture.toy2d(),
-}
+def _references():
+    """The exact reference models of ``diffsolve sample`` (name -> (description, factory))."""
+    from ..cli import REFERENCES
+    return REFERENCES
 
 
 def _ints(vals) -> List[int]:
@@ -35,7 +34,7 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Tune a sampler of one model per NFE budget and write a "
                                 "profile (JSON + safetensors) for `ds.sample(..., profile=...)`.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--reference", choices=list(REFERENCES), help="an exact Gaussian-mixture reference model "
+    src.add_argument("--reference", choices=list(_references()), help="an exact Gaussian-mixture reference model "
                      "(DDPM linear, epsilon prediction)")
     src.add_argument("--model", help="a checkpoint folder, a diffusers model folder or a shipped model name "
                      "(ds.load)")
@@ -75,7 +74,7 @@ def _load_tensor(path: str) -> Tensor:
 def model_from_args(args) -> Tuple[Denoiser, Optional[GaussianMixture]]:
     from ..processes import VPDiscrete
     if args.reference:
-        ref = REFERENCES[args.reference]()
+        ref = _references()[args.reference][1]()
         return ref.denoiser(VPDiscrete.linear(1000), "epsilon"), ref
     from ..checkpoint import load
     return load(args.model), None

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..checkpoint import sha256_file
+from ..checkpoint import save_safetensors, sha256_file
 from ..denoiser import Denoiser
 from ..jsonutil import jsonable
 from ..solvers import dpm_v3 as V
@@ -191,24 +191,20 @@ class Profile:
     def save(self, path: _PathLike) -> str:
         """Write ``path`` (JSON; ``.json`` is appended when missing) and its tensors next to it
         (``<stem>.safetensors``); both are replaced atomically.  Returns the JSON path."""
-        from safetensors.torch import save_file
-
         jpath = Path(os.fspath(path))
         if jpath.suffix != ".json":
             jpath = jpath.with_name(jpath.name + ".json")
         jpath.parent.mkdir(parents=True, exist_ok=True)
         tpath = jpath.with_suffix(".safetensors")
-        tensors = {"probe": self.probe.contiguous()}
+        tensors = {"probe": self.probe}
         tmeta: Dict[str, str] = {"format": FORMAT}
         if self.stats is not None:
             st = self.stats
-            tensors.update({"stats.lam": st.lam.contiguous(), "stats.l": st.l.contiguous(),
-                            "stats.s": st.s.contiguous(), "stats.b": st.b.contiguous()})
+            tensors.update({"stats.lam": st.lam, "stats.l": st.l, "stats.s": st.s, "stats.b": st.b})
             if st.probe is not None:
-                tensors["stats.probe"] = st.probe.contiguous()
+                tensors["stats.probe"] = st.probe
             tmeta["stats_meta"] = json.dumps(dict(st.meta, extrapolate=st.extrapolate), sort_keys=True, default=float)
-        save_file(tensors, str(tpath) + ".tmp", metadata=tmeta)
-        os.replace(str(tpath) + ".tmp", tpath)
+        save_safetensors(tensors, tpath, tmeta)
         body = self.to_dict()
         body["tensors"] = {"file": tpath.name, "sha256": sha256_file(tpath)}
         body["checksum"] = _checksum(body)
