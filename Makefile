@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m diffsolve.cli demo --out out
+	$(PY) -m diffsolve demo --out out
 
 test: $(STAMP)
 	$(PY) -m pytest -q

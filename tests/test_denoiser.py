@@ -82,10 +82,10 @@ def test_cfg_scale_one_is_conditional_and_batched():
     x = randn(2, 4)
     labels = torch.tensor([0, 1])
     cond = ds.Denoiser(net, proc, "epsilon")
-    g1 = ds.Denoiser(net, proc, "epsilon", guidance_scale=1.0, uncond_kwargs={"labels": torch.tensor([2])})
+    g1 = ds.ClassifierFreeGuidance(ds.Denoiser(net, proc, "epsilon"), 1.0, {"labels": torch.tensor([2])})
     e_c = cond.predict(x, 500.0, labels=labels)[1]
     assert torch.allclose(g1.predict(x, 500.0, labels=labels)[1], e_c)
-    g3 = ds.Denoiser(net, proc, "epsilon", guidance_scale=3.0, uncond_kwargs={"labels": torch.tensor([2])})
+    g3 = ds.ClassifierFreeGuidance(ds.Denoiser(net, proc, "epsilon"), 3.0, {"labels": torch.tensor([2])})
     before = net.calls
     e_g = g3.predict(x, 500.0, labels=labels)[1]
     assert net.calls == before + 1  # one batched call
@@ -113,7 +113,7 @@ def test_bad_adapter_input():
     with pytest.raises(ValueError, match="prediction"):
         ds.Denoiser(lambda x, t: x, proc, prediction="banana")
     with pytest.raises(ValueError, match="uncond"):
-        ds.Denoiser(lambda x, t: x, proc, guidance_scale=2.0)
+        ds.ClassifierFreeGuidance(ds.Denoiser(lambda x, t: x, proc), 2.0, None)
     with pytest.raises(TypeError):
         ds.Denoiser(lambda x, t: x, "vp")
     den = ds.Denoiser(lambda x, t: x[:, :2], proc)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.solvers.dpm_v3 import (Statistics, StatisticsMismatch, compute_statistics, derivative_weights,
-                                      gaussian_statistics)
+from diffsolve.reference import gaussian_statistics
+from diffsolve.solvers.dpm_v3 import Statistics, StatisticsMismatch, derivative_weights
+from diffsolve.tuning import compute_statistics
 
 DT = torch.float64
 VP = ds.VPDiscrete.linear(1000)
@@ -200,8 +201,8 @@ def test_foreign_statistics_are_refused(small_stats):
         ds.sample(other.denoiser(VP, "epsilon"), z, "dpm-v3", nfe=6, stats=st)
     with pytest.raises(StatisticsMismatch, match="process"):
         ds.sample(MIX.denoiser(ds.VPDiscrete.cosine(1000), "epsilon"), z, "dpm-v3", nfe=6, stats=st)
-    guided = ds.Denoiser(MIX.network(VP, "epsilon"), VP, "epsilon", dtype=DT, guidance_scale=3.0,
-                         uncond_kwargs={"y": torch.zeros(1)})
+    guided = ds.ClassifierFreeGuidance(ds.Denoiser(MIX.network(VP, "epsilon"), VP, "epsilon", dtype=DT), 3.0,
+                                       {"y": torch.zeros(1)})
     with pytest.raises(StatisticsMismatch, match="guidance scale"):
         ds.sample(guided, z, "dpm-v3", nfe=6, stats=st, model_kwargs={"y": torch.ones(16)})
     with pytest.raises(StatisticsMismatch, match="data shape"):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsolve.metrics import FDLeNet, default_metric, frechet_distance
+from diffsolve.evaluation.metrics import FDLeNet, default_metric, frechet_distance
 
 
 def test_frechet_distance_closed_form():

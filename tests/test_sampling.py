@@ -86,8 +86,8 @@ def test_explicit_grids_and_callback():
 
 
 def test_cfg_through_sample():
-    den = ds.Denoiser(lambda x, t, y=None: 0.1 * x + y[:, None].to(x.dtype), VP, "epsilon",
-                      guidance_scale=2.0, uncond_kwargs={"y": torch.zeros(1)})
+    den = ds.ClassifierFreeGuidance(ds.Denoiser(lambda x, t, y=None: 0.1 * x + y[:, None].to(x.dtype), VP, "epsilon"),
+                                    2.0, {"y": torch.zeros(1)})
     x = ds.sample(den, randn(3, 4), "ddim", nfe=5, model_kwargs={"y": torch.ones(3)})
     assert torch.isfinite(x).all() and den.nfe == 5
 

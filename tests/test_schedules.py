@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.schedules import Calibration, OptimizedGrid, evolve, five_step, gits
+from diffsolve.grids import five_step
+from diffsolve.tuning.grid_search import Calibration, OptimizedGrid, evolve, gits
 
 DT = torch.float64
 REF = ds.GaussianMixture.random(dim=16, seed=0)
@@ -123,7 +124,7 @@ def test_result_as_spacing_and_dict_roundtrip(cal):
 
 def test_search_with_dpm_v3():
     den = REF.denoiser(VP, "epsilon")
-    st = ds.dpm_v3.compute_statistics(den, lambda n, g: REF.sample(n, g), K=64, n_lambda=25, progress=False)
+    st = ds.compute_statistics(den, lambda n, g: REF.sample(n, g), K=64, n_lambda=25, progress=False)
     c = Calibration(den, "dpm-v3", 6, noise=noise(16), teacher_nfe=60, solver_options={"stats": st})
     res = evolve(den, "dpm-v3", 6, calibration=c, population=6, generations=2)
     check_valid(res, VP, "dpm-v3", 6, {"stats": st})

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve import timesteps as T
+from diffsolve import grids as T
 
 DT = torch.float64
 

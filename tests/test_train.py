@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import diffsolve as ds
-from diffsolve import checkpoint as ckpt
-from diffsolve.data import load_dataset
+from diffsolve.hub import checkpoint as ckpt
+from diffsolve.util.datasets import load_dataset
 from diffsolve.models import UNet, UNetConfig
-from diffsolve.train import TrainConfig, read_log, train
+from diffsolve.training import TrainConfig, read_log, train
 
 TINY = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": False, "groups": 4}
 STEPS = 240
@@ -106,7 +106,7 @@ def test_every_objective_on_every_process(tmp_path, process, objective):
 
 
 def test_cli_main(tmp_path, capsys):
-    from diffsolve.train import main
+    from diffsolve.training.train import main
 
     npy = tmp_path / "data.npy"
     np.save(npy, (np.random.default_rng(0).random((12, 8, 8)) * 255).astype(np.uint8))
@@ -271,7 +271,7 @@ def test_unet_shapes(hw):
 def test_shipped_model_and_demo(tmp_path):
     if not (ckpt.BUILTIN_MODELS["mnist"] / "config.json").exists():
         pytest.skip("shipped MNIST model not present")
-    from diffsolve.demo_model import demo_model
+    from diffsolve.cli.demo_model import demo_model
 
     den = ds.load("mnist")
     assert den.sample_shape == (1, 28, 28)

@@ -103,8 +103,8 @@ def test_profile_refused_by_another_model_process_guidance_or_shape(tuned):
         ds.sample(other.denoiser(VP, "epsilon"), z, profile=out, nfe=4)
     with pytest.raises(ProfileMismatch, match="process"):
         ds.sample(MIX.denoiser(ds.VPDiscrete.cosine(1000), "epsilon"), z, profile=out, nfe=4)
-    guided = ds.Denoiser(MIX.network(VP, "epsilon"), VP, "epsilon", dtype=DT, guidance_scale=3.0,
-                         uncond_kwargs={"y": torch.zeros(1)})
+    guided = ds.ClassifierFreeGuidance(ds.Denoiser(MIX.network(VP, "epsilon"), VP, "epsilon", dtype=DT), 3.0,
+                                       {"y": torch.zeros(1)})
     with pytest.raises(ProfileMismatch, match="guidance scale"):
         ds.sample(guided, z, profile=out, nfe=4, model_kwargs={"y": torch.ones(16)})
     with pytest.raises(ProfileMismatch, match="data shape"):

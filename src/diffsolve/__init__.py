@@ -4,32 +4,60 @@
     proc = ds.VPDiscrete.linear(1000)
     den = ds.Denoiser(net, proc, prediction="epsilon")
     x0 = ds.sample(den, noise, solver="dpm++2m", nfe=10)
+
+The package is layered (docs/architecture.md); this module is the facade over it.  ``bench``, ``tune`` and
+``Profile`` load on first use.
 """
-from . import reference, timesteps
-from .checkpoint import load, save_model
-from .denoiser import Denoiser, NonFiniteError, edm_coefficients, outputs_from
-from .processes import (EDM, VE, AffineInterpolant, NoiseProcess, RectifiedFlow, VPContinuous, VPDiscrete,
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from . import grids, reference, solvers as _solvers_pkg
+from .adapters import Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
+from .adapters.identity import ModelMismatch
+from .grids import TimeGrid, explicit, make_grid
+from .guidance import ClassifierFreeGuidance
+from .hub import load, save_model
+from .processes import (EDM, VE, AffineInterpolant, NoiseProcess, RectifiedFlow, Shifted, VPContinuous, VPDiscrete,
                         process_from_config)
 from .reference import GaussianMixture, exact_targets
-from .sampling import SampleInfo, sample
-from .solvers import SOLVERS, SamplingError, SolverInfo, get_solver, solvers
+from .sampling import SampleInfo, SamplerSpec
+from .sampling import sample as _sample
+from .solvers import SOLVERS, SamplingError, SolverInfo, SolverState, get_solver, solvers
 from .solvers import dpm_v3, momentum
-from . import schedules
-from .timesteps import TimeGrid, explicit, make_grid
 
 __version__ = "0.1.0"
+timesteps = grids  # the former name of the grids package
 
 __all__ = [
-    "Denoiser", "NonFiniteError", "edm_coefficients", "outputs_from",
-    "NoiseProcess", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow", "AffineInterpolant",
-    "process_from_config", "GaussianMixture", "exact_targets", "reference", "timesteps",
-    "sample", "SampleInfo", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SamplingError",
-    "TimeGrid", "make_grid", "explicit",
-    "load", "save_model",
-    "dpm_v3", "momentum", "schedules",
+    "Denoiser", "Model", "ModelWrapper", "Prediction", "NonFiniteError", "ModelMismatch", "edm_coefficients",
+    "outputs_from", "ClassifierFreeGuidance",
+    "NoiseProcess", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow", "AffineInterpolant", "Shifted",
+    "process_from_config", "GaussianMixture", "exact_targets", "reference",
+    "sample", "SampleInfo", "SamplerSpec", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SolverState",
+    "SamplingError", "TimeGrid", "make_grid", "explicit", "grids", "load", "save_model", "dpm_v3", "momentum",
+    "bench", "tune", "Profile", "compute_statistics",
 ]
 
-from .bench import bench  # noqa: E402  (last: the bench package imports diffsolve itself)
-from .tuning import Profile, tune  # noqa: E402
 
-__all__ += ["bench", "tune", "Profile"]
+@functools.wraps(_sample)
+def sample(*args: Any, profile: Any = None, **kwargs: Any):
+    if isinstance(profile, (str, os.PathLike)):
+        from .tuning import Profile as _Profile
+        profile = _Profile.load(profile)
+    return _sample(*args, profile=profile, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "bench":
+        from .bench import bench
+        return bench
+    if name in ("tune", "Profile", "compute_statistics"):
+        from . import tuning
+        return getattr(tuning, name)
+    if name == "schedules":
+        from .tuning import grid_search
+        return grid_search
+    raise AttributeError(f"module 'diffsolve' has no attribute {name!r}")

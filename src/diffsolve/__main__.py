@@ -1,6 +1,4 @@
-"""``python -m diffsolve``: the command line (see ``diffsolve.cli``)."""
-import sys
+"""``python -m diffsolve``: the command line."""
+from .cli.main import main
 
-from .cli import main
-
-sys.exit(main())
+raise SystemExit(main())

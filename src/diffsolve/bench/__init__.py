@@ -8,6 +8,19 @@ Modules: ``peers`` (diffusers / k-diffusion drivers), ``harness`` (one run = one
 counting, endpoint detection, exact targets, parity, overhead), ``report`` (markdown, CSV, JSON, PNG).
 The peers are an optional extra (``pip install 'diffsolve[bench]'`` and ``pip install --no-deps k-diffusion``).
 """
+import sys
+import types
+
 from .api import BenchResult, bench, build_parser, main
 
 __all__ = ["bench", "main", "build_parser", "BenchResult"]
+
+
+class _CallableModule(types.ModuleType):
+    """``ds.bench(...)`` calls ``bench`` whether or not the ``diffsolve.bench`` package was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return bench(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

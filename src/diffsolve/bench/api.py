@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-import diffsolve as ds
+from . import library as ds
 
 from . import harness as H
 from . import peers as P

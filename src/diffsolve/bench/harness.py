@@ -24,9 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-import diffsolve as ds
+from . import library as ds
 
-from ..jsonutil import jsonable
+from ..adapters.denoiser import with_network
+from ..util.jsonable import jsonable
 
 from . import peers as P
 
@@ -284,11 +285,11 @@ class Problem:
 def _eps_net(den: ds.Denoiser, net: CountingNet) -> Callable:
     """eps(x, t) for the peers: the raw network when it already predicts epsilon on process time,
     else through the adapter (one network call either way)."""
-    if den.prediction == "epsilon" and den.model_time == den.process.model_time and den.guidance_scale == 1.0:
+    if isinstance(den, ds.Denoiser) and den.prediction == "epsilon" and den.model_time == den.process.model_time:
         return net
 
     def eps(x: Tensor, t: Tensor, **kw) -> Tensor:
-        return den.predict_lazy(x, t, kw).eps.to(x.dtype)
+        return den.evaluate(x, t, kw).eps.to(x.dtype)
     return eps
 
 
@@ -310,9 +311,9 @@ def model_problem(den: ds.Denoiser, batch: int, seed: int = 0, shape: Optional[S
     shape = tuple(shape or getattr(den, "sample_shape", None) or ())
     if not shape:
         raise ValueError("the model's data shape is unknown: pass shape= (--shape C,H,W) or set den.sample_shape")
-    net = CountingNet(den.net)
-    den2 = ds.Denoiser(net, den.process, den.prediction, model_time=den.model_time, sigma_data=den.sigma_data,
-                       guidance_scale=den.guidance_scale, uncond_kwargs=den.uncond_kwargs, dtype=den.dtype)
+    made: List[CountingNet] = []
+    den2 = with_network(den, lambda f: made.append(CountingNet(f)) or made[-1])
+    net = made[0]
     noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
     net.record = False
     reference = ModelReference(den2, noise, nfe=ref_nfe)

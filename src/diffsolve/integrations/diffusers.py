@@ -4,26 +4,26 @@
   or a bare UNet folder with a ``scheduler_config.json``) -> a ready ``ds.Denoiser``; the schedule
   (betas), ``prediction_type`` and timestep convention come from the scheduler config.
 * ``DiffsolveScheduler``: a diffusers-compatible scheduler that runs any diffsolve solver inside an
-  unmodified diffusers pipeline.  Pipelines push one model output per ``step``; diffsolve solvers
-  pull evaluations, so the solver runs in a worker thread that hands each state it wants evaluated
-  back to the pipeline as ``prev_sample`` and waits for the next model output.
+  unmodified diffusers pipeline.  Pipelines push one model output per ``step``; the solver runs in its
+  steppable form and hands each state it wants evaluated back to the pipeline as ``prev_sample``.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser
+from ..adapters.denoiser import Denoiser
+from ..adapters.parameterisation import PARAMETERISATIONS, from_diffusers
+from ..grids import FINALS, SPACINGS, explicit
 from ..processes import VPDiscrete
-from ..sampling import sample
+from ..sampling import plan_run
 from ..solvers import get_solver
-from ..timesteps import FINALS, SPACINGS, explicit
+from ..solvers.drivers import Evaluator, Stepper, drive
+from ..solvers.state import Noise
 
 try:  # diffusers is optional
     from diffusers import ConfigMixin, SchedulerMixin
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - exercised only without diffusers
 
     SchedulerOutput = None  # type: ignore
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v", "flow_prediction": "velocity"}
+PREDICTION_TYPES = {p.diffusers: p.name for p in PARAMETERISATIONS.values() if p.diffusers}
 
 
 def _require_diffusers() -> None:
@@ -62,10 +62,7 @@ def process_from_scheduler_config(cfg: Dict[str, Any]) -> VPDiscrete:
 
 
 def prediction_from_config(cfg: Dict[str, Any]) -> str:
-    kind = cfg.get("prediction_type", "epsilon")
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"unsupported prediction_type {kind!r}; diffsolve reads {sorted(PREDICTION_TYPES)}")
-    return PREDICTION_TYPES[kind]
+    return from_diffusers(cfg.get("prediction_type", "epsilon"))
 
 
 def load_diffusers(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Denoiser:
@@ -93,8 +90,7 @@ def load_diffusers(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
         unet.to(dtype)
 
     def net(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return unet(x, t, **kw).sample
+        return unet(x, t, **kw).sample  # the caller's grad mode decides (ds.sample runs without graphs)
 
     den = Denoiser(net, process_from_scheduler_config(cfg), prediction_from_config(cfg), dtype=unet.dtype)
     den.module = unet  # keep a handle on the network (device moves, inspection)
@@ -104,8 +100,17 @@ def load_diffusers(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
 # ----------------------------------------------------------------------------------------
 # the scheduler
 # ----------------------------------------------------------------------------------------
-class _Cancelled(Exception):
-    pass
+class _Handed:
+    """The network of the scheduler's model: returns the output the pipeline handed to ``step``."""
+
+    def __init__(self):
+        self.output: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.output is None:
+            raise RuntimeError("no model output was handed to the scheduler")
+        out, self.output = self.output, None
+        return out.to(x.dtype)
 
 
 class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
@@ -113,7 +118,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     ``set_timesteps(n)`` treats ``n`` as the NFE budget; ``timesteps`` are the exact (possibly
     fractional) model times the solver will evaluate, in order; ``step`` returns, as ``prev_sample``,
-    the next state the solver wants evaluated, and after the last evaluation the final sample.
+    the next state the solver wants evaluated, and after the last evaluation the final sample.  The solver
+    runs in its steppable form (``solvers.drivers.Stepper``): each ``step`` answers the pending evaluation
+    with the pipeline's model output and advances the solver to its next request.
     Build it from any diffusers scheduler config: ``DiffsolveScheduler.from_config(pipe.scheduler.config,
     solver="unipc-bh2")``.
     """
@@ -140,7 +147,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.zeros(0)
         self.num_inference_steps: Optional[int] = None
         self._grid = None
-        self._worker: Optional[threading.Thread] = None
+        self._stepper: Optional[Stepper] = None
 
     # -- diffusers API ------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
@@ -150,46 +157,60 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                       timesteps: Optional[List[float]] = None) -> None:
         """Plan the run: ``num_inference_steps`` is the NFE budget; ``timesteps`` an explicit grid of
         model times (then the last step jumps to clean data when ``final='denoise'``)."""
-        self._cancel()
         cfg = self.config
+        self._stepper = None
         if timesteps is not None:
-            self._grid = explicit(self.process, t=[float(t) for t in timesteps], final=cfg.final)
-            budget = None
+            grid, nfe = explicit(self.process, t=[float(t) for t in timesteps], final=cfg.final), None
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (the NFE budget) or timesteps")
-            self._grid, budget = None, int(num_inference_steps)
-        self._budget = budget
-        # dry run on a 1-element state records the exact evaluation times
+            grid, nfe = None, int(num_inference_steps)
+        info = get_solver(cfg.solver)
+        self._info = info
+        self._tgrid, plan = plan_run(info, Denoiser(_Handed(), self.process, self.prediction), nfe, cfg.spacing,
+                                     grid, cfg.final)
+        self._opts = {**info.defaults, **plan.options, **(cfg.solver_options or {})}
+        times = self._evaluation_times()
+        self.timesteps = torch.tensor(times, dtype=torch.float32, device=device)
+        self.num_inference_steps = len(times)
+
+    def _program(self, x_T: torch.Tensor, net: Any, generators=None):
+        den = Denoiser(net, self.process, self.prediction, dtype=torch.float64)
+        ev = Evaluator(den)
+        x = x_T.detach().to(torch.float64)
+        rng = Noise(generators)
+        ev.begin(x, rng)
+        return ev, self._info.fn(ev, x, self._tgrid, rng, **self._opts)
+
+    def _evaluation_times(self) -> List[float]:
+        """The model times the solver evaluates at: its requests, answered with zeros on a one-number state
+        (the times of every registered solver depend on the grid alone)."""
         seen: List[float] = []
 
-        def probe(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def zero(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             seen.append(float(t.flatten()[0]))
             return torch.zeros_like(x)
 
-        sample(Denoiser(probe, self.process, self.prediction, dtype=torch.float64), torch.zeros(1, 1),
-               **self._sample_kwargs())
-        self.timesteps = torch.tensor(seen, dtype=torch.float32, device=device)
-        self._model_times = seen
-        self.num_inference_steps = len(seen)
+        ev, program = self._program(torch.zeros(1, 1), zero)
+        with torch.no_grad():
+            drive(program, ev)
+        return seen
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, generator=None,
              return_dict: bool = True, **_: Any):
         """Take the model output at ``sample``; return the next state to evaluate (or the result)."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
-        if self._worker is None:
-            self._first_output = model_output  # before the worker starts: its first call returns it
-            self._start(sample, generator)
-        else:
-            self._inbox.put(model_output)
-        kind, value = self._outbox.get()
-        if kind == "error":
-            self._worker = None
-            raise value
-        if kind == "done":
-            self._worker = None
-        prev = value.to(sample.dtype)
+        if self._stepper is None or self._stepper.done:
+            gens = [generator] * sample.shape[0] if (self._info.stochastic and generator is not None) else None
+            self._handed = _Handed()
+            self._ev, program = self._program(sample, self._handed, gens)
+            self._stepper = Stepper(program)
+        self._handed.output = model_output.to(torch.float64)
+        with torch.no_grad():
+            point = self._ev.evaluate(self._stepper.request)
+            req = self._stepper.give(point)
+        prev = (self._stepper.result if req is None else req.x).to(sample.dtype)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
@@ -199,51 +220,3 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-    # -- the worker -----------------------------------------------------------------------
-    def _sample_kwargs(self) -> Dict[str, Any]:
-        cfg = self.config
-        kw = dict(solver=cfg.solver, final=cfg.final, scale_noise=False, **(cfg.solver_options or {}))
-        if self._grid is not None:
-            kw.update(grid=self._grid, nfe=None)
-        else:
-            kw.update(nfe=self._budget, spacing=cfg.spacing)
-        return kw
-
-    def _start(self, x_T: torch.Tensor, generator) -> None:
-        self._inbox: "queue.Queue" = queue.Queue()
-        self._outbox: "queue.Queue" = queue.Queue()
-        calls = {"n": 0}
-
-        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                return self._first_output.to(torch.float64)
-            self._outbox.put(("eval", x.detach().clone()))
-            out = self._inbox.get()
-            if out is None:
-                raise _Cancelled()
-            return out.to(torch.float64)
-
-        den = Denoiser(net, self.process, self.prediction, dtype=torch.float64)
-        kw = self._sample_kwargs()
-        if get_solver(self.config.solver).stochastic and generator is not None:
-            kw["generators"] = [generator] * x_T.shape[0]
-
-        def run() -> None:
-            try:
-                out = sample(den, x_T.detach().to(torch.float64), **kw)
-                self._outbox.put(("done", out))
-            except _Cancelled:
-                pass
-            except Exception as e:  # hand the error to the pipeline's thread
-                self._outbox.put(("error", e))
-
-        self._worker = threading.Thread(target=run, daemon=True, name="diffsolve-scheduler")
-        self._worker.start()
-
-    def _cancel(self) -> None:
-        if self._worker is not None and self._worker.is_alive():
-            self._inbox.put(None)
-            self._worker.join(timeout=5)
-        self._worker = None

@@ -17,7 +17,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .core import Evaluator, Noise, Point, grid_point, lagrange_weights, lincomb, run_multistep
+from ..grids import TimeGrid
+from .drivers import Evaluator, grid_point, run_multistep, run_singlestep
+from .expint import lagrange_weights, lincomb
+from .state import Noise, Point
 
 Tensor = torch.Tensor
 
@@ -30,29 +33,28 @@ def ve_transfer(x: Tensor, p: Point, a_t: float, s_t: float, e: Tensor) -> Tenso
     return (a_t / p.alpha) * x + a_t * (s_t / a_t - p.sigma_ve) * e
 
 
-def pndm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
-    eps_hist: List[Tensor] = []
-    for i in range(grid.steps):
-        p0 = ev.at(x, grid, i)
-        if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0)
-            continue
+def pndm(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise):
+    """PLMS: fixed Adams-Bashforth weights on the eps of the latest (up to 4) grid evaluations."""
+
+    def step(x: Tensor, i: int, p0: Point, k: int):
         a_t, s_t, _ = grid_point(grid, i + 1)
-        eps_hist = (eps_hist + [p0.eps])[-4:]
+        eps_hist = [p.eps for p in ev.state.history]
         if i == 0:
             trial = ve_transfer(x, p0, a_t, s_t, p0.eps)
-            terms = [(0.5, p0.eps), (0.5, ev(trial, float(grid.t[i + 1])).eps)]
+            p1 = yield ev.request(trial, float(grid.t[i + 1]))
+            terms = [(0.5, p0.eps), (0.5, p1.eps)]
         else:
             terms = list(zip(AB[len(eps_hist)], reversed(eps_hist)))
         # ve_transfer with e = sum_j c_j eps_j, as one fused linear combination
         ce = a_t * (s_t / a_t - p0.sigma_ve)
-        x = ev.finish_step(i, lincomb([(a_t / p0.alpha, x)] + [(ce * c, eps) for c, eps in terms]), grid, p0)
-    return x
+        return lincomb([(a_t / p0.alpha, x)] + [(ce * c, eps) for c, eps in terms])
+
+    return run_singlestep(ev, x, grid, step, history=4)
 
 
 def _variable(ev: Evaluator, variable: str):
     """(u(t, lambda, sigma_ve), d sigma_ve / du as a numpy function) for the interpolation variable u."""
-    proc = ev.den.process
+    proc = ev.process
     if variable == "lambda":
         return (lambda t, lam, sv: lam), (lambda u: -np.exp(-u))
     if variable == "sigma":
@@ -66,7 +68,7 @@ def _variable(ev: Evaluator, variable: str):
     raise ValueError(f"variable must be 'lambda', 't' or 'sigma', got {variable!r}")
 
 
-def adams_update(ev: Evaluator, grid, variable: str = "lambda"):
+def adams_update(ev: Evaluator, grid: TimeGrid, variable: str = "lambda"):
     """Update rule of the variable-step Adams-Bashforth method on x~ (order k from the newest k points)."""
     node, dsig = _variable(ev, variable)
 
@@ -82,8 +84,8 @@ def adams_update(ev: Evaluator, grid, variable: str = "lambda"):
     return update
 
 
-def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable: str = "lambda",
-          lower_order_final: Optional[bool] = None) -> Tensor:
+def adams(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 3, variable: str = "lambda",
+          lower_order_final: Optional[bool] = None):
     """Variable-step Adams-Bashforth on x~ with eps interpolated in ``variable`` (DEIS / iPNDM)."""
     update = adams_update(ev, grid, variable)
     if not 1 <= order <= 4:
@@ -91,11 +93,11 @@ def adams(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable
     return run_multistep(ev, x, grid, update, order, lower_order_final, history=order)
 
 
-def ipndm(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 4,
+def ipndm(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 4,
           lower_order_final: Optional[bool] = None) -> Tensor:
     return adams(ev, x, grid, noise, order=order, variable="sigma", lower_order_final=lower_order_final)
 
 
-def deis(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 3, variable: str = "lambda",
+def deis(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 3, variable: str = "lambda",
          lower_order_final: Optional[bool] = None) -> Tensor:
     return adams(ev, x, grid, noise, order=order, variable=variable, lower_order_final=lower_order_final)

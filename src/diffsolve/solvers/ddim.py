@@ -11,12 +11,15 @@ from typing import List
 
 import torch
 
-from .core import Evaluator, Noise, Point, exp_step, grid_point, run_multistep
+from ..grids import TimeGrid
+from .drivers import Evaluator, grid_point, run_multistep
+from .expint import exp_step
+from .state import Noise, Point
 
 Tensor = torch.Tensor
 
 
-def ddim(ev: Evaluator, x: Tensor, grid, noise: Noise, eta: float = 0.0) -> Tensor:
+def ddim(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, eta: float = 0.0) -> Tensor:
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
@@ -28,11 +31,11 @@ def ddim(ev: Evaluator, x: Tensor, grid, noise: Noise, eta: float = 0.0) -> Tens
                             "data" if p.pred.native == "x0" else "noise")
         s_eta = eta * s_t * math.sqrt(-math.expm1(-2.0 * (lam_t - p.lam)))
         s_eta = min(s_eta, s_t)
-        return a_t * p.x0 + math.sqrt(s_t**2 - s_eta**2) * p.eps + s_eta * noise.like(x)
+        return a_t * p.x0 + math.sqrt(s_t**2 - s_eta**2) * p.eps + s_eta * ev.state.noise.like(x)
 
     return run_multistep(ev, x, grid, update, order=1, history=1)
 
 
-def ddpm(ev: Evaluator, x: Tensor, grid, noise: Noise) -> Tensor:
+def ddpm(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise) -> Tensor:
     """Ancestral sampling: DDIM with eta = 1."""
     return ddim(ev, x, grid, noise, eta=1.0)

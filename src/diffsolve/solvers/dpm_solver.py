@@ -12,30 +12,30 @@ difference of the 3M methods with its Taylor coefficient, which makes them third
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 import numpy as np
 
-from .core import (Evaluator, Noise, Point, exp_coefficients, exp_frame, exp_step, grid_point, lincomb,
-                   run_multistep)
+from ..grids import TimeGrid
+from .drivers import Evaluator, grid_point, run_multistep, run_singlestep
+from .expint import Form, as_form, exp_coefficients, exp_frame, exp_step, lincomb, model_output
+from .state import Noise, Point
 
 Tensor = torch.Tensor
 
 
-def _out(p: Point, form: str) -> Tensor:
-    return p.x0 if form == "data" else p.eps
-
-
-def multistep_update(form: str, taylor3: bool = True, taylor2: bool = False):
+def multistep_update(form: Union[str, Form], taylor3: bool = True, taylor2: bool = False):
     """Update rule of DPM-Solver(-++) multistep of order k <= 3 on the history (newest last).
 
     The differences D1, D2 of the papers are linear in the stored outputs, so the step is written as
     one linear combination x_t = c_x x + sum_j w_j m_j (one fused pass per term).
     """
 
-    def update(x: Tensor, i: int, hist: List[Point], k: int, grid) -> Tensor:
+    form = as_form(form)
+
+    def update(x: Tensor, i: int, hist: List[Point], k: int, grid: TimeGrid) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
         h = lam_t - p0.lam
@@ -58,26 +58,18 @@ def multistep_update(form: str, taylor3: bool = True, taylor2: bool = False):
             d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             coef = w[0] * np.array([1.0, 0, 0]) + w[1] * d1 / h + w[2] * (2.0 if taylor3 else 1.0) * d2 / h**2
-        return lincomb([(cx, x)] + [(scale * float(c), _out(p, form)) for c, p in zip(coef, pts)])
+        return lincomb([(cx, x)] + [(scale * float(c), model_output(p, form)) for c, p in zip(coef, pts)])
 
     return update
 
 
-def _sign(form: str) -> float:
-    return 1.0 if form == "noise" else -1.0
-
-
-def _scale(a_t: float, s_t: float, form: str) -> float:
-    return s_t if form == "noise" else a_t
-
-
-def exp_weight(h: float, k: int, form: str) -> float:
-    """h^k phi_k(+-h): the k-th exponential-integrator weight (see ``core.exp_coefficients``)."""
+def exp_weight(h: float, k: int, form: Form) -> float:
+    """h^k phi_k(+-h): the k-th exponential-integrator weight (see ``expint.exp_coefficients``)."""
     return exp_coefficients(h, k, form)[k - 1]
 
 
-def dpm_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "data",
-                  lower_order_final: Optional[bool] = None, taylor3: bool = True, taylor2: bool = False) -> Tensor:
+def dpm_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 2, form: str = "data",
+                  lower_order_final: Optional[bool] = None, taylor3: bool = True, taylor2: bool = False):
     """DPM-Solver multistep (form='noise') or DPM-Solver++ multistep (form='data'), order 1-3.
 
     ``taylor2=True`` weights the first difference of order-2 steps with its Taylor coefficient h^2 phi_2
@@ -89,8 +81,8 @@ def dpm_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, 
                          lower_order_final, history=3)
 
 
-def dpm_sde_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2,
-                      lower_order_final: Optional[bool] = None) -> Tensor:
+def dpm_sde_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 2,
+                      lower_order_final: Optional[bool] = None):
     """SDE-DPM-Solver++(2M): x_t = (s_t/s_s) e^{-h} x + a_t (1-e^{-2h}) (D0 + D1/2) + s_t sqrt(1-e^{-2h}) z."""
 
     def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
@@ -103,7 +95,7 @@ def dpm_sde_multistep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int =
             p1 = hist[-2]
             r0 = (p0.lam - p1.lam) / h
             out = out + 0.5 * a_t * one_m * (p0.x0 - p1.x0) / r0
-        return out + s_t * one_m**0.5 * noise.like(x)
+        return out + s_t * one_m**0.5 * ev.state.noise.like(x)
 
     return run_multistep(ev, x, grid, update, order, lower_order_final, history=2)
 
@@ -127,52 +119,50 @@ def singlestep_orders(nfe: int, order: int, clean_end: bool) -> List[int]:
 
 
 def _intermediate(ev: Evaluator, lam: float) -> tuple:
-    p = ev.den.process
+    p = ev.process
     t = p.t_of_lam(torch.tensor(lam, dtype=torch.float64))
     return float(t), float(p.alpha(t)), float(p.sigma(t))
 
 
-def dpm_singlestep(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, form: str = "noise",
-                   orders: Optional[Sequence[int]] = None) -> Tensor:
+def dpm_singlestep(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 2, form: str = "noise",
+                   orders: Optional[Sequence[int]] = None):
     """DPM-Solver-k (form='noise') or DPM-Solver++(2S) (form='data', k <= 2) singlestep.
 
     Step s -> t of order 2 evaluates once more at lambda_s + h/2; order 3 at lambda_s + h/3 and
     lambda_s + 2h/3.  Intermediate times come from the process's exact lambda inverse.
     """
+    fm = as_form(form)
+    sign = 1.0 if fm == Form.NOISE else -1.0
+    scale = (lambda a, s: s) if fm == Form.NOISE else (lambda a, s: a)
     if orders is None:
         orders = [order] * grid.steps
     if len(orders) != grid.steps:
         raise ValueError(f"{len(orders)} step orders for a grid of {grid.steps} steps")
-    sign = _sign(form)
-    for i, k in enumerate(orders):
-        p0 = ev.at(x, grid, i)
-        if grid.is_clean(i + 1):
-            x = ev.finish_step(i, p0.x0, grid, p0)
-            continue
+    if any(k not in (1, 2, 3) for k in orders):
+        raise ValueError(f"singlestep order must be 1, 2 or 3, got {sorted(set(orders))}")
+
+    def step(x: Tensor, i: int, p0: Point, k: int):
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         h = lam_t - p0.lam
-        m0 = _out(p0, form)
-        first = exp_step(x, p0, a_t, s_t, lam_t, [m0], form)
+        m0 = model_output(p0, fm)
+        first = exp_step(x, p0, a_t, s_t, lam_t, [m0], fm)
         if k == 1:
-            x_new = first
-        elif k == 2:
+            return first
+        if k == 2:
             r1 = 0.5
             t1, a1, s1 = _intermediate(ev, p0.lam + r1 * h)
-            u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], form)
-            m1 = _out(ev(u1, t1), form)
-            w = _scale(a_t, s_t, form) * float(exp_weight(h, 1, form)) / (2 * r1)
-            x_new = first - sign * w * (m1 - m0)
-        elif k == 3:
-            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-            t1, a1, s1 = _intermediate(ev, p0.lam + r1 * h)
-            u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], form)
-            d1 = _out(ev(u1, t1), form) - m0
-            t2, a2, s2 = _intermediate(ev, p0.lam + r2 * h)
-            u2 = exp_step(x, p0, a2, s2, p0.lam + r2 * h, [m0], form)
-            u2 = u2 - sign * _scale(a2, s2, form) * (r2 / r1) * float(exp_weight(r2 * h, 2, form)) / (r2 * h) * d1
-            d2 = _out(ev(u2, t2), form) - m0
-            x_new = first - sign * _scale(a_t, s_t, form) * float(exp_weight(h, 2, form)) / h / r2 * d2
-        else:
-            raise ValueError(f"singlestep order must be 1, 2 or 3, got {k}")
-        x = ev.finish_step(i, x_new, grid, p0)
-    return x
+            u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], fm)
+            m1 = model_output((yield ev.request(u1, t1)), fm)
+            w = scale(a_t, s_t) * exp_weight(h, 1, fm) / (2 * r1)
+            return first - sign * w * (m1 - m0)
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        t1, a1, s1 = _intermediate(ev, p0.lam + r1 * h)
+        u1 = exp_step(x, p0, a1, s1, p0.lam + r1 * h, [m0], fm)
+        d1 = model_output((yield ev.request(u1, t1)), fm) - m0
+        t2, a2, s2 = _intermediate(ev, p0.lam + r2 * h)
+        u2 = exp_step(x, p0, a2, s2, p0.lam + r2 * h, [m0], fm)
+        u2 = u2 - sign * scale(a2, s2) * (r2 / r1) * exp_weight(r2 * h, 2, fm) / (r2 * h) * d1
+        d2 = model_output((yield ev.request(u2, t2)), fm) - m0
+        return first - sign * scale(a_t, s_t) * exp_weight(h, 2, fm) / h / r2 * d2
+
+    return run_singlestep(ev, x, grid, step, list(orders))

@@ -27,7 +27,10 @@ from typing import Callable, List, Optional
 import torch
 
 from . import adams, dpm_solver
-from .core import Evaluator, Noise, Point, exp_coefficients, exp_frame, grid_point, lagrange_weights, run_multistep
+from ..grids import TimeGrid
+from .drivers import Evaluator, grid_point, run_multistep
+from .expint import exp_coefficients, exp_frame, lagrange_weights
+from .state import Noise, Point
 
 Tensor = torch.Tensor
 
@@ -39,12 +42,12 @@ def _check_beta(beta: float) -> float:
     return beta
 
 
-def heavy_ball(update: Callable, frame: Callable[[int, List[Point]], tuple], beta: float) -> Callable:
+def heavy_ball(ev: Evaluator, update: Callable, frame: Callable[[int, List[Point]], tuple], beta: float) -> Callable:
     """Wrap a ``run_multistep`` update rule with Polyak heavy-ball momentum on its direction.
 
-    ``frame(i, hist) -> (c_x, c)`` gives the step's frame: x_base = c_x x + c d.
+    ``frame(i, hist) -> (c_x, c)`` gives the step's frame: x_base = c_x x + c d.  The velocity lives in the
+    solver state (``extras['velocity']``).
     """
-    state = {"v": None}
 
     def upd(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
         x_base = update(x, i, hist, k)
@@ -52,14 +55,16 @@ def heavy_ball(update: Callable, frame: Callable[[int, List[Point]], tuple], bet
             return x_base
         cx, c = frame(i, hist)
         d = (x_base - cx * x) / c
-        v = d if state["v"] is None else torch.add(d, state["v"] - d, alpha=1.0 - beta)
-        state["v"] = v
+        extras = ev.state.extras
+        v_prev = extras.get("velocity")
+        v = d if v_prev is None else torch.add(d, v_prev - d, alpha=1.0 - beta)
+        extras["velocity"] = v
         return cx * x + c * v
 
     return upd
 
 
-def exp_data_frame(grid) -> Callable[[int, List[Point]], tuple]:
+def exp_data_frame(grid: TimeGrid) -> Callable[[int, List[Point]], tuple]:
     """Frame of a data-prediction exponential step: c_x = sigma_t/sigma_s, c = alpha_t (1 - e^{-h})."""
 
     def frame(i: int, hist: List[Point]) -> tuple:
@@ -71,7 +76,7 @@ def exp_data_frame(grid) -> Callable[[int, List[Point]], tuple]:
     return frame
 
 
-def ve_frame(grid) -> Callable[[int, List[Point]], tuple]:
+def ve_frame(grid: TimeGrid) -> Callable[[int, List[Point]], tuple]:
     """Frame of a VE-view transfer x~_t = x~_s + (sigma~_t - sigma~_s) e: c_x = alpha_t/alpha_s, c = alpha_t dsigma~."""
 
     def frame(i: int, hist: List[Point]) -> tuple:
@@ -82,40 +87,39 @@ def ve_frame(grid) -> Callable[[int, List[Point]], tuple]:
     return frame
 
 
-def dpmpp_2m_hb(ev: Evaluator, x: Tensor, grid, noise: Noise, beta: float = 0.8, order: int = 2,
-                lower_order_final: Optional[bool] = None, taylor2: bool = False) -> Tensor:
+def dpmpp_2m_hb(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, beta: float = 0.8, order: int = 2,
+                lower_order_final: Optional[bool] = None, taylor2: bool = False):
     """DPM-Solver++(2M) with heavy-ball momentum on D0 + D1/2 (the paper's 'DPM-Solver++ with HB')."""
     beta = _check_beta(beta)
     if not 1 <= order <= 3:
         raise ValueError(f"order must be 1..3, got {order}")
     base = dpm_solver.multistep_update("data", True, taylor2)
-    upd = heavy_ball(lambda x, i, hist, k: base(x, i, hist, k, grid), exp_data_frame(grid), beta)
+    upd = heavy_ball(ev, lambda x, i, hist, k: base(x, i, hist, k, grid), exp_data_frame(grid), beta)
     return run_multistep(ev, x, grid, upd, order, lower_order_final, history=3)
 
 
-def ipndm_hb(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 4, beta: float = 0.8,
-             variable: str = "sigma", lower_order_final: Optional[bool] = None) -> Tensor:
+def ipndm_hb(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 4, beta: float = 0.8,
+             variable: str = "sigma", lower_order_final: Optional[bool] = None):
     """iPNDM (PLMS with lower-order warm-up; variable-step Adams weights) with heavy-ball momentum."""
     beta = _check_beta(beta)
     base = adams.adams_update(ev, grid, variable)
     if not 1 <= order <= 4:
         raise ValueError(f"order must be 1..4, got {order}")
-    upd = heavy_ball(base, ve_frame(grid), beta)
+    upd = heavy_ball(ev, base, ve_frame(grid), beta)
     return run_multistep(ev, x, grid, upd, order, lower_order_final, history=order)
 
 
-def ghvb(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 4, beta: float = 0.8, variable: str = "sigma",
-         lower_order_final: Optional[bool] = None) -> Tensor:
+def ghvb(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 4, beta: float = 0.8, variable: str = "sigma",
+         lower_order_final: Optional[bool] = None):
     """Generalised heavy ball of order ``order`` (1-4) on the Adams family (see the module doc)."""
     beta = _check_beta(beta)
     node, dsig = adams._variable(ev, variable)
     if not 1 <= order <= 4:
         raise ValueError(f"order must be 1..4, got {order}")
-    vel: List[Tensor] = []
-
     def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
+        vel: List[Tensor] = ev.state.extras.setdefault("velocities", [])
         vel.append(p0.eps if not vel else torch.add(p0.eps, vel[-1] - p0.eps, alpha=1.0 - beta))
         del vel[:-order]
         pts, vs = hist[-k:], vel[-k:]

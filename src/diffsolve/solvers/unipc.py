@@ -14,7 +14,10 @@ from typing import List, Optional
 
 import torch
 
-from .core import Evaluator, Noise, Point, exp_coefficients, exp_frame, grid_point, lincomb, run_multistep
+from ..grids import TimeGrid
+from .drivers import Evaluator, grid_point, run_multistep
+from .expint import exp_coefficients, exp_frame, lincomb, model_output
+from .state import Noise, Point
 
 Tensor = torch.Tensor
 
@@ -34,10 +37,6 @@ def _system(h: float, rks: List[float], order: int, form: str, variant: str):
     return torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
 
 
-def _out(p: Point, form: str) -> Tensor:
-    return p.x0 if form == "data" else p.eps
-
-
 def _step(x: Tensor, p0: Point, others: List[Point], rhos: List[float], a_t: float, s_t: float, h: float,
           form: str, variant: str, new: Optional[Point] = None, rho_new: float = 0.0) -> Tensor:
     """x_t = x_t^(1) + c B(h) [sum_k rho_k (m_k - m0)/r_k + rho_new (m_new - m0)] as one linear combination."""
@@ -49,17 +48,17 @@ def _step(x: Tensor, p0: Point, others: List[Point], rhos: List[float], a_t: flo
     c0 = scale * w0
     for p, rho in zip(others, rhos):
         r = (p.lam - p0.lam) / h
-        pairs.append((res * rho / r, _out(p, form)))
+        pairs.append((res * rho / r, model_output(p, form)))
         c0 -= res * rho / r
     if new is not None:
-        pairs.append((res * rho_new, _out(new, form)))
+        pairs.append((res * rho_new, model_output(new, form)))
         c0 -= res * rho_new
-    pairs.insert(1, (c0, _out(p0, form)))
+    pairs.insert(1, (c0, model_output(p0, form)))
     return lincomb(pairs)
 
 
-def unipc(ev: Evaluator, x: Tensor, grid, noise: Noise, order: int = 2, variant: str = "bh2",
-          form: str = "data", corrector: bool = True, lower_order_final: Optional[bool] = None) -> Tensor:
+def unipc(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 2, variant: str = "bh2",
+          form: str = "data", corrector: bool = True, lower_order_final: Optional[bool] = None):
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     if not 1 <= order <= 3:

@@ -8,8 +8,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..denoiser import Denoiser
-from ..reference import GaussianMixture
+from ..adapters.denoiser import Denoiser
+from ..reference import REFERENCES, GaussianMixture
 from .search import DEFAULT_NFES, parse_teacher, tune
 
 Tensor = torch.Tensor
@@ -19,7 +19,6 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------
 def _references():
     """The exact reference models of ``diffsolve sample`` (name -> (description, factory))."""
-    from ..cli import REFERENCES
     return REFERENCES
 
 
@@ -67,7 +66,7 @@ def _load_tensor(path: str) -> Tensor:
         return next(iter(d.values()))
     if path.endswith(".pt"):
         return torch.load(path, weights_only=True)
-    from ..data import load_dataset
+    from ..util.datasets import load_dataset
     return load_dataset(path)
 
 
@@ -76,7 +75,7 @@ def model_from_args(args) -> Tuple[Denoiser, Optional[GaussianMixture]]:
     if args.reference:
         ref = _references()[args.reference][1]()
         return ref.denoiser(VPDiscrete.linear(1000), "epsilon"), ref
-    from ..checkpoint import load
+    from ..hub import load
     return load(args.model), None
 
 

@@ -12,23 +12,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..checkpoint import save_safetensors, sha256_file
-from ..denoiser import Denoiser
-from ..jsonutil import jsonable
-from ..solvers import dpm_v3 as V
-from ..timesteps import TimeGrid, explicit
+from ..adapters.denoiser import Model
+from ..adapters.denoiser import Model as Denoiser
+from ..adapters.identity import IdentityCheck, ModelMismatch
+from ..grids import TimeGrid, explicit
+from ..sampling import sample
+from ..solvers.dpm_v3_stats import Statistics
+from ..util.files import save_safetensors, sha256_file
+from ..util.jsonable import jsonable
 
 Tensor = torch.Tensor
 DT = torch.float64
 FORMAT = "diffsolve.profile/1"
-_PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]
 
 
 class ProfileError(ValueError):
     """A profile file that cannot be read: missing, not a profile, an unknown format or corrupted."""
 
 
-class ProfileMismatch(V.StatisticsMismatch):
+class ProfileMismatch(ModelMismatch):
     """A profile used with a model (or guidance scale, process, data shape) it was not made for."""
 
 # ----------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ class Profile:
     """
 
     def __init__(self, entries: Dict[int, Entry], model: Dict[str, Any], probe: Tensor,
-                 stats: Optional[V.Statistics] = None, meta: Optional[Dict[str, Any]] = None,
+                 stats: Optional[Statistics] = None, meta: Optional[Dict[str, Any]] = None,
                  path: Optional[str] = None):
         self.entries = {int(k): v for k, v in sorted(entries.items())}
         self.model = dict(model)
@@ -94,7 +97,7 @@ class Profile:
         self.stats = stats
         self.meta = dict(meta or {})
         self.path = path
-        self._verified = weakref.WeakKeyDictionary()
+        self._identity = IdentityCheck(self.model, self.probe, self.shape, "the profile")
 
     @property
     def nfes(self) -> List[int]:
@@ -122,37 +125,31 @@ class Profile:
         return self.entries[nfe]
 
     # -- validity --------------------------------------------------------------------
-    def check(self, den: Denoiser, shape: Optional[Sequence[int]] = None) -> None:
+    def check(self, den: Denoiser, shape: Optional[Sequence[int]] = None) -> int:
         """Raise ``ProfileMismatch`` unless this profile belongs to ``den`` (process, guidance scale,
         prediction, network fingerprint) and data of ``shape``.  The fingerprint (two network calls on fixed
-        inputs; ``den.nfe`` is left unchanged) is checked once per model object."""
+        inputs; a ``Denoiser``'s ``nfe`` is left unchanged) is checked once per model object; returns the
+        network calls this check made."""
+        if not isinstance(den, Model):
+            raise TypeError("den must provide the diffsolve model protocol (e.g. a ds.Denoiser)")
         problems = []
-        if not isinstance(den, Denoiser):
-            raise TypeError("den must be a diffsolve.Denoiser")
-        m = self.model
         if shape is not None and tuple(shape) != self.shape:
             problems.append(f"data shape {tuple(shape)} != the profile's {self.shape}")
-        cfg = V._jsonable(den.process.config())
-        if m.get("process") != cfg:
-            problems.append(f"process {cfg} != the profile's {m.get('process')}")
-        if abs(float(m.get("guidance_scale", 1.0)) - float(den.guidance_scale)) > 1e-12:
-            problems.append(f"guidance scale {den.guidance_scale} != the profile's {m.get('guidance_scale')} "
-                            "(a profile is tuned for one guidance scale; tune again for this one)")
-        if m.get("prediction") not in (None, den.prediction):
-            problems.append(f"prediction {den.prediction!r} != the profile's {m.get('prediction')!r}")
-        if not problems and den not in self._verified:
-            try:
-                why = V.fingerprint_mismatch(den, self.shape, m, self.probe)
-            except (RuntimeError, ValueError) as e:
-                raise ProfileMismatch(f"profile does not match: the model fails on the profile's data shape "
-                                      f"{self.shape} ({type(e).__name__}: {e})") from None
-            if why:
-                problems.append(why + ": this profile was tuned for another model")
-            else:
-                self._verified[den] = True
+        try:
+            found, calls = self._identity.problems(den, fingerprint=not problems)
+        except (RuntimeError, ValueError) as e:
+            raise ProfileMismatch(f"profile does not match: the model fails on the profile's data shape "
+                                  f"{self.shape} ({type(e).__name__}: {e})") from None
+        for p in found:
+            if p.startswith("guidance scale"):
+                p += " (a profile is tuned for one guidance scale; tune again for this one)"
+            elif "fingerprint" in p:
+                p += ": this profile was tuned for another model"
+            problems.append(p)
         if problems:
             where = f" ({self.path})" if self.path else ""
             raise ProfileMismatch("profile does not match" + where + ": " + "; ".join(problems))
+        return calls
 
     def settings(self, den: Denoiser, nfe: Optional[int], shape: Optional[Sequence[int]] = None,
                  check: bool = True) -> Tuple[str, TimeGrid, Dict[str, Any], Entry]:
@@ -167,9 +164,14 @@ class Profile:
             opts.update(stats=self.stats, check_stats=False)  # the profile's own check covered the model
         return e.solver, e.grid(den.process), opts, e
 
+    def settings_for(self, den: Denoiser, nfe: Optional[int], shape: Sequence[int]):
+        """The ``SamplerSpec`` protocol of ``ds.sample``: (solver, grid, options, network calls of the check)."""
+        calls = self.check(den, shape)
+        solver, grid, opts, _ = self.settings(den, nfe, shape, check=False)
+        return solver, grid, opts, calls
+
     def sample(self, den: Denoiser, noise: Tensor, nfe: Optional[int] = None, **kwargs: Any):
         """``ds.sample(den, noise, profile=self, nfe=nfe, **kwargs)``."""
-        from ..sampling import sample
         return sample(den, noise, nfe=nfe, profile=self, **kwargs)
 
     # -- report ----------------------------------------------------------------------
@@ -179,8 +181,8 @@ class Profile:
                  "eval RMSE, best named spacing |", "|---|---|---|---|---|---|"]
         for n, e in self.entries.items():
             d, b = e.baselines.get("default", {}), e.baselines.get("best_named", {})
-            lines.append(f"| {n} | {e.describe()} | {_fmt(e.calib_error)} | {_fmt(e.eval_error)} | "
-                         f"{_fmt(d.get('eval_error'))} | {_fmt(b.get('eval_error'))} ({b.get('label', '')}) |")
+            lines.append(f"| {n} | {e.describe()} | {fmt(e.calib_error)} | {fmt(e.eval_error)} | "
+                         f"{fmt(d.get('eval_error'))} | {fmt(b.get('eval_error'))} ({b.get('label', '')}) |")
         return "\n".join(lines)
 
     # -- persistence -----------------------------------------------------------------
@@ -188,7 +190,7 @@ class Profile:
         return jsonable({"format": FORMAT, "model": self.model, "meta": self.meta,
                             "entries": {str(n): e.to_dict() for n, e in self.entries.items()}})
 
-    def save(self, path: _PathLike) -> str:
+    def save(self, path: PathLike) -> str:
         """Write ``path`` (JSON; ``.json`` is appended when missing) and its tensors next to it
         (``<stem>.safetensors``); both are replaced atomically.  Returns the JSON path."""
         jpath = Path(os.fspath(path))
@@ -199,11 +201,8 @@ class Profile:
         tensors = {"probe": self.probe}
         tmeta: Dict[str, str] = {"format": FORMAT}
         if self.stats is not None:
-            st = self.stats
-            tensors.update({"stats.lam": st.lam, "stats.l": st.l, "stats.s": st.s, "stats.b": st.b})
-            if st.probe is not None:
-                tensors["stats.probe"] = st.probe
-            tmeta["stats_meta"] = json.dumps(dict(st.meta, extrapolate=st.extrapolate), sort_keys=True, default=float)
+            st_tensors, tmeta["stats_meta"] = self.stats.to_tensors("stats.")
+            tensors.update(st_tensors)
         save_safetensors(tensors, tpath, tmeta)
         body = self.to_dict()
         body["tensors"] = {"file": tpath.name, "sha256": sha256_file(tpath)}
@@ -216,7 +215,7 @@ class Profile:
         return str(jpath)
 
     @classmethod
-    def load(cls, path: _PathLike) -> "Profile":
+    def load(cls, path: PathLike) -> "Profile":
         """Read a profile written by ``save``; ``ProfileError`` when it is missing, unreadable or corrupted."""
         from safetensors import safe_open
 
@@ -250,15 +249,12 @@ class Profile:
             raise ProfileError(f"{tpath} is not a readable safetensors file: {e}") from None
         stats = None
         if "stats.lam" in t:
-            smeta = json.loads(tmeta.get("stats_meta", "{}"))
-            extrapolate = bool(smeta.pop("extrapolate", False))
-            stats = V.Statistics(t["stats.lam"], t["stats.l"], t["stats.s"], t["stats.b"], smeta,
-                                 t.get("stats.probe"), extrapolate)
+            stats = Statistics.from_tensors(t, tmeta.get("stats_meta", "{}"), "stats.")
         entries = {int(k): Entry.from_dict(v) for k, v in body["entries"].items()}
         return cls(entries, body["model"], t["probe"], stats, body.get("meta"), path=str(jpath))
 
 
-def load_profile(profile: Union[Profile, _PathLike]) -> Profile:
+def load_profile(profile: Union[Profile, PathLike]) -> Profile:
     if isinstance(profile, Profile):
         return profile
     if isinstance(profile, (str, os.PathLike)):
@@ -266,21 +262,9 @@ def load_profile(profile: Union[Profile, _PathLike]) -> Profile:
     raise TypeError(f"profile must be a diffsolve.Profile or a path, got {type(profile).__name__}")
 
 
-def profile_settings(profile: Union[Profile, _PathLike], den: Denoiser, noise: Tensor, nfe: Optional[int],
-                     grid: Any, options: Dict[str, Any]) -> Tuple[str, TimeGrid, Dict[str, Any]]:
-    """What ``ds.sample(..., profile=...)`` runs: the entry's solver, grid and options (the caller's options
-    override the entry's).  Refuses a profile made for another model."""
-    if grid is not None:
-        raise ValueError("pass either profile= or grid=, not both (the profile's entry has its own grid)")
-    p = load_profile(profile)
-    solver, tgrid, opts, _ = p.settings(den, nfe, tuple(noise.shape[1:]))
-    opts.update(options)
-    return solver, tgrid, opts
-
-
 def _checksum(body: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-def _fmt(v: Optional[float]) -> str:
+def fmt(v: Optional[float]) -> str:
     return "—" if v is None or not math.isfinite(float(v)) else f"{float(v):.3e}"

@@ -43,13 +43,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser
-from ..reference import GaussianMixture
-from ..schedules import _from_u, _to_u, _tournament, mutate, steps_for_nfe
+from ..adapters import identity
+from ..adapters.denoiser import Model as Denoiser
+from ..grids import explicit, from_unit, make_grid, to_unit, validate_times
+from ..reference import GaussianMixture, exact_targets
+from ..sampling import sample
 from ..solvers import get_solver
-from ..solvers import dpm_v3 as V
-from ..timesteps import explicit, make_grid, validate_times
-from .profile import DT, Entry, Profile, _fmt, _PathLike
+from ..solvers.dpm_v3_stats import Statistics
+from ..util import seeding
+from .grid_search import mutate, steps_for_nfe, tournament
+from .profile import DT, Entry, Profile, PathLike, fmt
+from .statistics import compute_statistics
 
 Tensor = torch.Tensor
 DEFAULT_NFES = (5, 6, 8, 10)
@@ -63,10 +67,9 @@ MIN_AUTO_K = 256
 # noise, teacher, sets
 # ----------------------------------------------------------------------------------------
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
-    """Standard normal noise [len(seeds), *shape] (float64), one generator per sample: sample i is
-    ``torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i]))`` whatever the batch."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=DT)
-                        for s in seeds]) if len(seeds) else torch.zeros((0,) + tuple(shape), dtype=DT)
+    """Standard normal noise [len(seeds), *shape] (float64) by the library's one seeding convention
+    (``diffsolve.util.seeding.noise``): sample i depends on ``seeds[i]`` alone, whatever the batch."""
+    return seeding.noise(seeds, shape)
 
 
 def _seed_list(seeds: Union[int, Sequence[int], range, None], default_start: int, default_n: int) -> List[int]:
@@ -116,11 +119,9 @@ class Teacher:
     def targets(self, den: Denoiser, noise: Tensor, batch: int, kwargs: Dict[str, Any],
                 bar=None) -> Tuple[Tensor, Tensor]:
         """(x at t_min, clean target) for each noise sample."""
-        from ..sampling import sample
 
         proc = den.process
         if self.exact is not None:
-            from ..reference import exact_targets
             tm, dn = [], []
             for i in range(0, noise.shape[0], batch):
                 tg = exact_targets(self.exact, proc, noise[i:i + batch].to(DT) * proc.prior_scale)
@@ -229,7 +230,7 @@ def family_times(process, nfe: int, u_end: float, warp: float, final: str = "t_m
     u = u_end * (np.arange(n_eval) / max(n_eval - 1, 1)) ** float(warp) if n_eval > 1 else np.zeros(1)
     if final == "t_min":
         u = np.concatenate([u, [1.0]])
-    return _from_u(process, torch.from_numpy(u), fix_last=True)
+    return from_unit(process, torch.from_numpy(u), fix_last=True)
 
 
 def _named(process, solver: str, nfe: int, spacing: str, final: str) -> Candidate:
@@ -258,7 +259,7 @@ class _Runner:
     ``a * nfe + b * n * nfe`` (a: the solver's per-step set-up, e.g. DPM-Solver-v3's coefficients for a new grid;
     b: the network per sample), fitted to the runs so far."""
 
-    def __init__(self, den: Denoiser, batch: int, kwargs: Dict[str, Any], stats: Optional[V.Statistics]):
+    def __init__(self, den: Denoiser, batch: int, kwargs: Dict[str, Any], stats: Optional[Statistics]):
         self.den, self.batch, self.kwargs, self.stats = den, batch, kwargs, stats
         self.tau = None  # seconds per (sample x NFE) of the network, measured before the first run
         self.log: List[Tuple[int, int, float]] = []
@@ -271,7 +272,6 @@ class _Runner:
         return o
 
     def run(self, c: Candidate, noise: Tensor, nfe: int) -> Optional[Tensor]:
-        from ..sampling import sample
 
         grid = explicit(self.den.process, t=c.t, final=c.final)
         opts = self.options(c)
@@ -421,13 +421,13 @@ def _diverse(ranked: List[Tuple[float, Candidate]], k: int, exclude: set) -> Lis
 
 
 def _u_free(process, c: Candidate) -> np.ndarray:
-    u = _to_u(process, c.t).numpy()
+    u = to_unit(process, c.t).numpy()
     return u[1:] if c.final == "denoise" else u[1:-1]
 
 
 def _t_of_free(process, free: np.ndarray, final: str) -> Tensor:
     u = np.concatenate([[0.0], free] + ([] if final == "denoise" else [[1.0]]))
-    return _from_u(process, torch.from_numpy(u), fix_last=True)
+    return from_unit(process, torch.from_numpy(u), fix_last=True)
 
 
 def _repair(free: np.ndarray, final: str, gap: float = 1e-3) -> Optional[np.ndarray]:
@@ -450,10 +450,10 @@ def _option_variants(solver: str) -> List[Dict[str, Any]]:
 
 def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto", *,
          calib_seeds: Union[int, Sequence[int], None] = None, eval_seeds: Union[int, Sequence[int], None] = None,
-         data: Any = None, stats: Optional[V.Statistics] = None, shape: Optional[Sequence[int]] = None,
+         data: Any = None, stats: Optional[Statistics] = None, shape: Optional[Sequence[int]] = None,
          teacher: Union[str, Teacher, GaussianMixture, None] = "auto",
          eval_teacher: Union[str, Teacher, GaussianMixture, None] = None,
-         time_budget_s: float = 270.0, out: Optional[_PathLike] = None, metric: str = "rmse",
+         time_budget_s: float = 270.0, out: Optional[PathLike] = None, metric: str = "rmse",
          solvers: Optional[Sequence[str]] = None, stats_K: Optional[int] = None,
          stats_n_lambda: Optional[int] = None, batch_size: Optional[int] = None,
          model_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, progress: bool = True,
@@ -509,7 +509,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     shape = tuple(int(s) for s in shape)
     teach = parse_teacher(teacher, ref)
     eteach = teach if eval_teacher is None else parse_teacher(eval_teacher, ref)
-    old_nfe = den.nfe
+    old_nfe = getattr(den, "nfe", None)
 
     from tqdm.auto import tqdm
 
@@ -517,13 +517,11 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not progress, dynamic_ncols=True)
 
     # 1. fingerprint and the cost of one evaluation
-    lo = float(proc.lam(torch.tensor(proc.t_max, dtype=DT)))
-    hi = float(proc.lam(torch.tensor(proc.t_min, dtype=DT)))
+    lo, hi = proc.lam_range
     probe_l = [float(np.clip(0.0, lo, hi)), lo + 0.8 * (hi - lo)]
-    probe, fp = V.model_fingerprint(den, shape, probe_l, 0)
-    model = {"fingerprint": fp, "process": V._jsonable(proc.config()), "guidance_scale": den.guidance_scale,
-             "prediction": den.prediction, "shape": list(shape), "probe_lambdas": probe_l, "probe_seed": 0,
-             "probe_rtol": 1e-3, "class": type(getattr(den, "net", None)).__name__}
+    model, probe = identity.record(den, shape, probe_l, 0)
+    fp = model["fingerprint"]
+    model.update(shape=list(shape), **{"class": type(getattr(den, "net", None)).__name__})
     batch, tau = _measure(den, shape, kwargs, batch_size)
     say(f"model {fp}: {tau * 1e3:.3f} ms per sample-evaluation at batch {batch}")
 
@@ -577,7 +575,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
             dsrc = dsrc[torch.randperm(dsrc.shape[0], generator=g)[:K]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            stats = V.compute_statistics(den, dsrc, K=K, n_lambda=n_lam, shape=shape, batch_size=max(batch, 16),
+            stats = compute_statistics(den, dsrc, K=K, n_lambda=n_lam, shape=shape, batch_size=max(batch, 16),
                                          seed=seed, progress=progress, model_kwargs=kwargs or None)
         st_info = {"K": K, "n_lambda": n_lam, "seconds": round(time.perf_counter() - t0, 2),
                    "data": "GaussianMixture samples" if ref is not None else
@@ -617,11 +615,12 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
                                  progress)
         outer.update(1)
         e = entries[nfe]
-        say(f"NFE {nfe}: {e.describe()}  calib {_fmt(e.calib_error)} (default {_fmt(e.baselines['default']['calib_error'])})"
-            f"  eval {_fmt(e.eval_error)} (default {_fmt(e.baselines['default'].get('eval_error'))}, best named "
-            f"{_fmt(e.baselines.get('best_named', {}).get('eval_error'))})")
+        say(f"NFE {nfe}: {e.describe()}  calib {fmt(e.calib_error)} (default {fmt(e.baselines['default']['calib_error'])})"
+            f"  eval {fmt(e.eval_error)} (default {fmt(e.baselines['default'].get('eval_error'))}, best named "
+            f"{fmt(e.baselines.get('best_named', {}).get('eval_error'))})")
     outer.close()
-    den.nfe = old_nfe
+    if old_nfe is not None:
+        den.nfe = old_nfe
     uses = any(e.uses_stats for e in entries.values())
     meta = {
         "method": method, "metric": metric, "teacher": teach.describe(), "eval_teacher": eteach.describe(),
@@ -647,27 +646,27 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
 
 def _measure(den: Denoiser, shape, kwargs, batch_size: Optional[int]) -> Tuple[int, float]:
     """(batch, seconds per sample-evaluation): the fastest of a few batch sizes (or the given one)."""
-    nfe = den.nfe
+    nfe = getattr(den, "nfe", None)
     sizes = [batch_size] if batch_size else [8, 16, 32, 64, 128, 256]
     best = (sizes[0], math.inf)
     g = torch.Generator().manual_seed(7)
     proc = den.process
-    t_mid = float(proc.t_of_lam(torch.tensor(0.0, dtype=DT).clamp(
-        float(proc.lam(torch.tensor(proc.t_max, dtype=DT))), float(proc.lam(torch.tensor(proc.t_min, dtype=DT))))))
+    t_mid = float(proc.t_of_lam(torch.tensor(0.0, dtype=DT).clamp(*proc.lam_range)))
     with torch.no_grad():
         for b in sizes:
             x = torch.randn((b,) + tuple(shape), generator=g, dtype=DT)
             reps = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                den.predict_lazy(x, t_mid, kwargs).eps
+                den.evaluate(x, t_mid, kwargs).eps
                 reps.append((time.perf_counter() - t0) / b)
             per = min(reps)
             if per < best[1] * 0.97:
                 best = (b, per)
             elif per > best[1] * 1.3:
                 break
-    den.nfe = nfe
+    if nfe is not None:
+        den.nfe = nfe
     return best[0], best[1] * 1.15  # + solver overhead
 
 
@@ -925,10 +924,10 @@ def _evolve(S: _Search, start: Candidate, proc, stop: Callable[[], bool], obj: s
         parents = [p[1] for p in ranked]
         nxt = ranked[:elite]
         while len(nxt) < population and not stop():
-            pa = _tournament(parents, rng)
+            pa = tournament(parents, rng)
             child = pa.copy()
             if rng.random() < 0.5 and len(parents) > 1:
-                pb = _tournament(parents, rng)
+                pb = tournament(parents, rng)
                 child = np.where(rng.random(child.size) < 0.5, pa, pb)
             child = _repair(mutate(child, rng, mutation, final == "denoise"), final)
             if child is None:

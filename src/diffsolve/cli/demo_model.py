@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .checkpoint import load
-from .images import save_labelled_grids
-from .sampling import sample
+from ..hub import load
+from ..sampling import sample
+from ..util.images import save_labelled_grids
 
 SOLVER = "dpm++2m"
 SPACING = "logsnr"

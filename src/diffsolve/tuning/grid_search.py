@@ -23,75 +23,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .denoiser import Denoiser
-from .processes import NoiseProcess
-from .solvers import get_solver
-from .timesteps import SPACINGS, TimeGrid, explicit, make_grid, validate_times
+from ..adapters.denoiser import Model as Denoiser
+from ..grids import SPACINGS, TimeGrid, explicit, from_unit, make_grid, to_unit, validate_times
+from ..processes import NoiseProcess
+from ..sampling import sample
+from ..solvers import get_solver
 
 Tensor = torch.Tensor
 DT = torch.float64
 
 
-# ----------------------------------------------------------------------------------------
-# the five-step recipe: truncated two-level Karras schedule
-# ----------------------------------------------------------------------------------------
-def five_step(process: NoiseProcess, n: int, sigma_max: Optional[float] = None, sigma_min: Optional[float] = 0.2,
-              sigma_split: float = 3.0, split: float = 0.25, rho: Tuple[float, float] = (3.0, 3.0)) -> Tensor:
-    """Truncated two-level Karras schedule (the five-step recipe of "Hyperparameters are all you need").
-
-    The first point is always t_max (where sampling starts).  The remaining n - 1 noise levels (sigma/alpha)
-    are two Karras ramps: ``ceil(split * (n - 1))`` levels from ``sigma_max`` down to ``sigma_split`` with
-    exponent ``rho[0]``, then the rest from there down to ``sigma_min`` with ``rho[1]``.  ``sigma_max`` below
-    the process's maximum truncates the top (the first step jumps straight to it); ``sigma_min`` above the
-    process's minimum truncates the bottom (the schedule stops there, and ``final='denoise'`` jumps to clean
-    data from it, the paper's not-fully-denoised last stage; ``sigma_min=None`` ends at t_min).
-
-    Defaults (sigma_min 0.2, split after the first quarter at sigma/alpha 3, rho 3 and 3) were chosen on the exact
-    64-dim Gaussian mixtures (data std ~0.5) with DDPM linear betas, ``final='denoise'``: at NFE 5/6/8 they
-    lowered DPM-Solver++(2M)'s and UniPC-bh2's RMSE 1.2-1.8x against the default log-SNR grid (2 mixtures,
-    256 samples each).  The schedule is meant for ``final='denoise'``; with ``final='t_min'`` pass
-    ``sigma_min=None``.  The noise levels are in units of the data scale (sigma/alpha), so data far from unit
-    scale may want other values.
-    """
-    if n < 1:
-        raise ValueError("five_step needs n >= 1")
-    s_top = float(process.sigma_ve(torch.tensor(process.t_max, dtype=DT)))
-    s_bot = float(process.sigma_ve(torch.tensor(process.t_min, dtype=DT)))
-    hi = s_top if sigma_max is None else min(float(sigma_max), s_top)
-    lo = s_bot if sigma_min is None else max(float(sigma_min), s_bot)
-    if not lo < hi:
-        raise ValueError(f"five_step: need sigma_min < sigma_max, got [{lo}, {hi}]")
-    mid = float(np.clip(sigma_split, lo, hi))
-    if n == 1:
-        return torch.tensor([process.t_max], dtype=DT)
-    m = n - 1
-    m1 = min(m, max(1, int(math.ceil(split * m))))
-    m2 = m - m1
-    if m2 == 0:
-        mid = lo
-    truncated = hi < s_top * (1 - 1e-12)
-    # level 1: m1 levels from hi (kept only when it truncates the top; t_max is already the first point) to mid
-    first = _ramp_closed(hi, mid, m1 + (0 if truncated else 1), rho[0])[(0 if truncated else 1):]
-    second = _ramp_closed(mid, lo, m2 + 1, rho[1])[1:]  # level 2: m2 levels from below mid down to lo
-    levels = np.concatenate([first, second])
-    t = torch.cat([torch.tensor([process.t_max], dtype=DT), process.t_of_sigma_ve(torch.from_numpy(levels))])
-    if sigma_min is None or lo <= s_bot:
-        t[-1] = process.t_min
-    if not torch.all(t[1:] < t[:-1]):
-        raise ValueError(f"five_step: levels are not strictly decreasing for n={n} (sigma range [{lo:.4g}, {hi:.4g}], "
-                         f"split at {mid:.4g}); widen the range or change split")
-    return t
-
-
-def _ramp_closed(a: float, b: float, k: int, r: float) -> np.ndarray:
-    """k Karras levels from a to b (both included; k = 1: [a]); r = 1 means uniform in log sigma."""
-    u = np.linspace(0, 1, k)
-    if r == 1.0:
-        return np.exp(np.log(a) + u * (np.log(b) - np.log(a)))
-    return (a ** (1 / r) + u * (b ** (1 / r) - a ** (1 / r))) ** r
-
-
-SPACINGS.setdefault("five-step", five_step)
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,10 +68,10 @@ class OptimizedGrid:
         """A spacing callable: these times for ``n == len(t)``, else the same shape resampled in log-SNR."""
         if n == self.t.numel():
             return self.t.clone()
-        u = _to_u(process, self.t)
+        u = to_unit(process, self.t)
         pos = np.linspace(0, 1, self.t.numel())
         new = np.interp(np.linspace(0, 1, n), pos, u.numpy())
-        return _from_u(process, torch.from_numpy(new), fix_last=True)
+        return from_unit(process, torch.from_numpy(new), fix_last=True)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"t": [float(v) for v in self.t], "final": self.final, "solver": self.solver, "nfe": self.nfe,
@@ -151,46 +92,11 @@ def _plain(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------
-# log-SNR coordinates u in [0, 1] (0 = t_max, 1 = t_min)
-# ----------------------------------------------------------------------------------------
-def _lam_ends(process: NoiseProcess) -> Tuple[float, float]:
-    return (float(process.lam(torch.tensor(process.t_max, dtype=DT))),
-            float(process.lam(torch.tensor(process.t_min, dtype=DT))))
-
-
-def _to_u(process: NoiseProcess, t: Tensor) -> Tensor:
-    a, b = _lam_ends(process)
-    return ((process.lam(torch.as_tensor(t, dtype=DT)) - a) / (b - a)).clamp(0, 1)
-
-
-def _from_u(process: NoiseProcess, u: Tensor, fix_last: bool) -> Tensor:
-    a, b = _lam_ends(process)
-    u = torch.as_tensor(u, dtype=DT)
-    t = process.t_of_lam(a + u * (b - a))
-    t = t.clamp(process.t_min, process.t_max)
-    t[0] = process.t_max
-    if fix_last and float(u[-1]) >= 1.0:
-        t[-1] = process.t_min
-    return t
-
-
-# ----------------------------------------------------------------------------------------
 # calibration: solver runs on calibration noise against a high-NFE teacher
 # ----------------------------------------------------------------------------------------
 def steps_for_nfe(solver: str, nfe: int, clean_end: bool) -> Tuple[int, int]:
-    """(steps, NFE used) of the largest explicit grid the solver can run within ``nfe``."""
-    info = get_solver(solver)
-    best = (0, 0)
-    for steps in range(1, nfe + 1):
-        if info.singlestep_order:
-            cost = sum(1 if (clean_end and i == steps - 1) else info.singlestep_order for i in range(steps))
-        else:
-            cost = info.cost(steps, clean_end)
-        if cost <= nfe:
-            best = (steps, cost)
-    if best[0] == 0:
-        raise ValueError(f"solver {solver!r} cannot take a step within nfe={nfe}")
-    return best
+    """(steps, NFE used) of the largest explicit grid the solver can run within ``nfe`` (``SolverInfo.steps_for_nfe``)."""
+    return get_solver(solver).steps_for_nfe(nfe, clean_end)
 
 
 class Calibration:
@@ -201,7 +107,6 @@ class Calibration:
                  targets: Optional[Tensor] = None, teacher_solver: str = "dpm++3m", teacher_nfe: int = 200,
                  model_kwargs: Optional[Dict[str, Any]] = None, solver_options: Optional[Dict[str, Any]] = None,
                  metric: str = "rmse"):
-        from .sampling import sample
 
         self.den, self.process = den, den.process
         self.solver, self.nfe, self.final = get_solver(solver).name, int(nfe), final
@@ -231,7 +136,6 @@ class Calibration:
         return err if math.isfinite(err) else math.inf
 
     def run(self, t: Tensor) -> Tensor:
-        from .sampling import sample
 
         grid = explicit(self.process, t=t, final=self.final)
         return sample(self.den, self.noise, self.solver, grid=grid, nfe=self.nfe, model_kwargs=self.kwargs,
@@ -287,7 +191,6 @@ def gits(den: Denoiser, solver: str = "dpm++2m", nfe: int = 6, *, start: Union[s
     with final='denoise', of the denoiser jump from i to the teacher's clean target).  The DP path is then
     checked with the actual ``solver`` on the calibration noise and returned only if it beats ``start``.
     """
-    from .sampling import sample
 
     cal = _calibration(den, solver, nfe, calibration, teacher_solver=teacher_solver, **calib_kwargs)
     proc = den.process
@@ -378,12 +281,12 @@ def evolve(den: Denoiser, solver: str = "dpm++2m", nfe: int = 6, *,
     gap = 1e-3
 
     def to_free(t: Tensor) -> np.ndarray:
-        u = _to_u(proc, t).numpy()
+        u = to_unit(proc, t).numpy()
         return u[1:] if clean else u[1:-1]
 
     def to_t(free: np.ndarray) -> Tensor:
         u = np.concatenate([[0.0], free] + ([] if clean else [[1.0]]))
-        return _from_u(proc, torch.from_numpy(u), fix_last=not clean)
+        return from_unit(proc, torch.from_numpy(u), fix_last=not clean)
 
     def repair(free: np.ndarray) -> Optional[np.ndarray]:
         f = np.sort(np.clip(free, gap, 1.0 if clean else 1.0 - gap))
@@ -427,10 +330,10 @@ def evolve(den: Denoiser, solver: str = "dpm++2m", nfe: int = 6, *,
         nxt = [p for _, _, p in scored[:elite]]
         ranked = [p for _, _, p in scored]
         while len(nxt) < population:
-            pa = _tournament(ranked, rng)
+            pa = tournament(ranked, rng)
             child = pa.copy()
             if rng.random() < crossover:
-                pb = _tournament(ranked, rng)
+                pb = tournament(ranked, rng)
                 mask = rng.random(child.size) < 0.5
                 child = np.where(mask, pa, pb)
             child = repair(mutate(child, rng, mutation, clean))
@@ -469,6 +372,6 @@ def mutate(free: np.ndarray, rng: np.random.Generator, scale: float, clean: bool
     return f
 
 
-def _tournament(ranked: List[np.ndarray], rng: np.random.Generator, k: int = 3) -> np.ndarray:
+def tournament(ranked: List[np.ndarray], rng: np.random.Generator, k: int = 3) -> np.ndarray:
     idx = rng.integers(0, len(ranked), size=min(k, len(ranked)))
     return ranked[int(idx.min())]

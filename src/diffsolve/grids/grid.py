@@ -1,24 +1,19 @@
-"""Time-step grids, independent of solvers.
+"""Time grids: decreasing evaluation times with their coefficients and the last-step policy.
 
-A spacing maps (process, n) to n decreasing times from ``t_max`` to ``t_min``.  ``make_grid``
-adds the last-step policy: ``final='denoise'`` appends the clean point (alpha=1, sigma=0,
-lambda=+inf) that the last step jumps to with the denoiser; ``final='t_min'`` stops at t_min.
-
-Spacings: ``uniform`` (in t), ``logsnr`` (uniform lambda, DPM-Solver), ``karras`` (rho=7 in
-sigma/alpha, EDM), ``quadratic`` (DDIM/DPM-Solver), and diffusers' index spacings
-``linspace``/``leading``/``trailing`` for discrete processes.  Explicit grids of t, sigma
-(= sigma/alpha) or lambda values are accepted too.
+``make_grid`` turns a spacing into a ``TimeGrid`` and adds the last-step policy: ``final='denoise'`` appends
+the clean point (alpha=1, sigma=0, lambda=+inf) that the last step jumps to with the denoiser;
+``final='t_min'`` stops at t_min.  ``explicit`` accepts grids of t, sigma (= sigma/alpha) or lambda values.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
-from .processes import NoiseProcess
+from ..processes import NoiseProcess
+from .spacings import SPACINGS
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -60,70 +55,6 @@ class TimeGrid:
             s = torch.cat([s, torch.zeros(1, dtype=DT)])
             lam = torch.cat([lam, torch.full((1,), math.inf, dtype=DT)])
         return cls(t, a, s, lam, clean_end)
-
-
-# ----------------------------------------------------------------------------------------
-# spacings: (process, n) -> n decreasing times in [t_min, t_max]
-# ----------------------------------------------------------------------------------------
-def uniform(process: NoiseProcess, n: int) -> Tensor:
-    """Uniform in the process's time."""
-    return torch.linspace(process.t_max, process.t_min, n, dtype=DT)
-
-
-def logsnr(process: NoiseProcess, n: int) -> Tensor:
-    """Uniform in the half log-SNR lambda (DPM-Solver's 'logSNR' skip type)."""
-    lo, hi = process.lam(torch.tensor(process.t_max, dtype=DT)), process.lam(torch.tensor(process.t_min, dtype=DT))
-    t = process.t_of_lam(torch.linspace(float(lo), float(hi), n, dtype=DT))
-    t[0], t[-1] = process.t_max, process.t_min
-    return t
-
-
-def karras(process: NoiseProcess, n: int, rho: float = 7.0) -> Tensor:
-    """EDM's rho-schedule in sigma/alpha (Karras et al. 2022, eq. 5)."""
-    smax = float(process.sigma_ve(torch.tensor(process.t_max, dtype=DT)))
-    smin = float(process.sigma_ve(torch.tensor(process.t_min, dtype=DT)))
-    ramp = torch.linspace(0, 1, n, dtype=DT)
-    sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-    t = process.t_of_sigma_ve(sig)
-    t[0], t[-1] = process.t_max, process.t_min
-    return t
-
-
-def quadratic(process: NoiseProcess, n: int) -> Tensor:
-    """Uniform in sqrt(t - t_min) (DDIM's / DPM-Solver's 'time_quadratic')."""
-    u = torch.linspace(math.sqrt(process.t_max - process.t_min), 0.0, n, dtype=DT)
-    return process.t_min + u**2
-
-
-def _num_train(process: NoiseProcess) -> int:
-    n = getattr(process, "num_train_timesteps", None)
-    if n is None:
-        raise ValueError(f"index spacings (linspace/leading/trailing) need a discrete process, not {process!r}")
-    return n
-
-
-def linspace(process: NoiseProcess, n: int) -> Tensor:
-    """diffusers 'linspace': round(linspace(0, N-1, n)), reversed."""
-    N = _num_train(process)
-    return torch.from_numpy(np.linspace(0, N - 1, n).round()[::-1].copy()).to(DT)
-
-
-def leading(process: NoiseProcess, n: int, steps_offset: int = 0) -> Tensor:
-    """diffusers 'leading': multiples of N // n (never starts at N-1)."""
-    N = _num_train(process)
-    return torch.from_numpy((np.arange(0, n) * (N // n)).round()[::-1].copy() + steps_offset).to(DT)
-
-
-def trailing(process: NoiseProcess, n: int) -> Tensor:
-    """diffusers 'trailing': round(arange(N, 0, -N/n)) - 1 (starts at N-1)."""
-    N = _num_train(process)
-    return torch.from_numpy(np.round(np.arange(N, 0, -N / n)) - 1).to(DT)
-
-
-SPACINGS: Dict[str, Callable[[NoiseProcess, int], Tensor]] = {
-    "uniform": uniform, "logsnr": logsnr, "karras": karras, "quadratic": quadratic,
-    "linspace": linspace, "leading": leading, "trailing": trailing,
-}
 
 
 def explicit(process: NoiseProcess, t: Optional[Sequence[float]] = None, sigmas: Optional[Sequence[float]] = None,

@@ -18,24 +18,15 @@ import torch
 
 import diffsolve as ds
 
-from .jsonutil import jsonable
+from ..adapters.parameterisation import PARAMETERISATIONS
+from ..grids import FINALS, SPACINGS
+from ..processes import PRESETS
+from ..reference import REFERENCES
+from ..util import seeding
+from ..util.jsonable import jsonable
 
-PROCESSES = {
-    "vp-linear": ("DDPM linear betas, 1000 discrete steps", lambda: ds.VPDiscrete.linear(1000)),
-    "vp-cosine": ("improved-DDPM cosine, 1000 discrete steps", lambda: ds.VPDiscrete.cosine(1000)),
-    "vp-continuous": ("continuous VP SDE, linear beta", lambda: ds.VPContinuous.linear()),
-    "ve": ("variance exploding, sigma in [0.01, 50]", lambda: ds.VE()),
-    "edm": ("EDM, sigma in [0.002, 80]", lambda: ds.EDM()),
-    "flow": ("rectified flow, x_t = (1 - t) x0 + t eps", lambda: ds.RectifiedFlow()),
-}
-REFERENCES = {
-    "toy2d": ("8 elongated Gaussians on a ring in 2-D", lambda: ds.GaussianMixture.toy2d()),
-    "gmm64": ("random low-rank mixture, 64 dims", lambda: ds.GaussianMixture.random(64, seed=0)),
-    "gmm3072": ("random low-rank mixture, 3072 dims", lambda: ds.GaussianMixture.random(3072, seed=0)),
-    "image": ("the gmm3072 mixture shaped as 3x32x32 images",
-              lambda: ds.GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
-}
-PREDICTIONS = ("x0", "epsilon", "v", "score", "velocity")
+PROCESSES = PRESETS
+PREDICTIONS = tuple(p for p in PARAMETERISATIONS if not PARAMETERISATIONS[p].preconditioned)
 DEMO_SOLVERS = ("ddim", "dpm++2m", "unipc-bh2", "dpm-solver-3m", "dpm++3m", "ipndm")
 #: the exact ODE reference is solved for at most this many numbers (samples x dims); more are subsampled
 EXACT_BUDGET = 16384
@@ -72,12 +63,10 @@ def _parse_options(items: Sequence[str]) -> Dict[str, Any]:
 
 
 def _noise_and_seeds(n: int, shape: Sequence[int], seed: int):
-    """Standard normal noise with one generator per sample (a sample does not depend on n), and the
-    per-sample seeds a stochastic solver draws its own noise from."""
-    base = seed << 32
-    noise = torch.stack([torch.randn(tuple(shape), dtype=torch.float64,
-                                     generator=torch.Generator().manual_seed(base + 2 * i)) for i in range(n)])
-    return noise, [base + 2 * i + 1 for i in range(n)]
+    """The run's sample seeds (``seeding.run_seeds``) and their starting noise: sample i depends on (seed, i)
+    alone, and is the same noise as ``ds.sample(seeds=...)`` and the tuner give that sample seed."""
+    seeds = seeding.run_seeds(seed, n)
+    return seeding.noise(seeds, shape), seeds
 
 
 def _exact(ref: ds.GaussianMixture, proc: ds.NoiseProcess, noise: torch.Tensor, quiet: bool):
@@ -243,7 +232,7 @@ def _load_profile(args: argparse.Namespace):
     """The ``--profile`` of ``diffsolve sample`` (None without one); it needs an --nfe it has an entry for."""
     if not args.profile:
         return None
-    from .tuning import Profile
+    from ..tuning import Profile
 
     prof = Profile.load(args.profile)
     prof.entry(args.nfe)  # a clear error when the profile has no entry for this NFE
@@ -276,14 +265,14 @@ def cmd_sample_model(args: argparse.Namespace) -> int:
             metrics["rmse_vs_reference"] = _rmse(x, ref)
             metrics["reference"] = f"dpm++2m, logsnr, {args.reference_nfe} NFE, same noise"
     if shape == (1, 28, 28):
-        from .metrics import default_metric
+        from ..evaluation.metrics import default_metric
         metrics["image_metric"] = default_metric().score(x.float().clamp(-1, 1)).as_dict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", x.cpu().numpy())
     files = {"samples": str(out / "samples.npy"), "info": str(out / "info.json")}
     if len(shape) == 3:
-        from .images import save_labelled_grids
+        from ..util.images import save_labelled_grids
         files["png"] = str(save_labelled_grids([x.float().clamp(-1, 1)[:64]], [f"{si.solver} NFE {si.nfe}"],
                                                out / "samples.png", nrow=8, scale=2))
     _write_json(out / "info.json", {
@@ -334,7 +323,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     """The shipped MNIST model: default solver at the demo NFEs and a 100-NFE reference from the same noise,
     each scored with FD-LeNet (writes demo.png and demo.json)."""
     from .demo_model import demo_model
-    from .metrics import default_metric
+    from ..evaluation.metrics import default_metric
 
     t0 = time.perf_counter()
     nfes = [n for n in args.nfe]
@@ -449,9 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nfe", type=int, default=10, help="budget of network evaluations (default: %(default)s)")
     s.add_argument("--process", choices=list(PROCESSES), default="vp-linear",
                    help=_choices_help(PROCESSES) + " (default: %(default)s)")
-    s.add_argument("--spacing", choices=list(ds.timesteps.SPACINGS), default="logsnr",
+    s.add_argument("--spacing", choices=list(SPACINGS), default="logsnr",
                    help="time-step spacing (default: %(default)s)")
-    s.add_argument("--final", choices=list(ds.timesteps.FINALS), default="denoise",
+    s.add_argument("--final", choices=list(FINALS), default="denoise",
                    help="last step: jump to clean data with the denoiser, or stop at t_min (default: %(default)s)")
     s.add_argument("--reference", choices=list(REFERENCES), default="toy2d",
                    help=_choices_help(REFERENCES) + " (default: %(default)s)")
@@ -487,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nfe", type=int, nargs="+", default=[5, 10], help="NFE budgets, one row each (default: 5 10)")
     s.add_argument("--solvers", nargs="+", default=list(DEMO_SOLVERS),
                    help=f"solvers, one column each (default: {' '.join(DEMO_SOLVERS)})")
-    s.add_argument("--spacing", choices=list(ds.timesteps.SPACINGS), default="logsnr",
+    s.add_argument("--spacing", choices=list(SPACINGS), default="logsnr",
                    help="time-step spacing (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
@@ -498,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands whose own parsers live next to the code they drive
-DELEGATED = {"train": ("diffsolve.train", "train a UNet (python -m diffsolve.train --help)"),
+DELEGATED = {"train": ("diffsolve.training.train", "train a UNet (python -m diffsolve.training --help)"),
              "bench": ("diffsolve.bench.api", "benchmark our solvers against diffusers and k-diffusion"),
              "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile")}
 

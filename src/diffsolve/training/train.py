@@ -22,7 +22,7 @@ Layout of ``out_dir``::
 Multi-GPU: if ``accelerate`` is installed and the script runs under ``accelerate launch`` (WORLD_SIZE > 1),
 training is data-parallel (DDP) with the same code; the global batch is split across processes:
 
-    accelerate launch -m diffsolve.train --dataset mnist --steps 20000 --out runs/mnist
+    accelerate launch -m diffsolve.training --dataset mnist --steps 20000 --out runs/mnist
     (or, once wired up: accelerate launch -m diffsolve.cli train ...)
 """
 from __future__ import annotations
@@ -43,9 +43,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG, WEIGHTS, model_time_fn, save_model
-from .denoiser import Denoiser, edm_coefficients, outputs_from
-from .processes import EDM, VE, NoiseProcess, VPDiscrete, process_from_config
+from ..adapters.denoiser import Denoiser, outputs_from
+from ..adapters.parameterisation import edm_coefficients, get_parameterisation
+from ..hub.checkpoint import CONFIG, WEIGHTS, model_time_fn, save_model
+from ..processes import EDM, VE, NoiseProcess, VPDiscrete, process_from_config
 
 Tensor = torch.Tensor
 OBJECTIVES = ("epsilon", "x0", "v", "velocity", "edm")
@@ -57,7 +58,7 @@ ONLINE_FILE = "online.safetensors"
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs (JSON-serialisable; see ``diffsolve.train`` module doc)."""
+    """Everything a training run needs (JSON-serialisable; see ``diffsolve.training`` module doc)."""
 
     dataset: str = "digits"                 # 'digits', 'mnist', a folder of images or a .npy file
     out_dir: str = "runs/diffsolve"
@@ -339,8 +340,8 @@ def train(config: TrainConfig, data: Optional[Tensor] = None) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
-    from .data import load_dataset
-    from .models import UNet, UNetConfig, architecture, count_parameters
+    from ..util.datasets import load_dataset
+    from ..models import UNet, UNetConfig, architecture, count_parameters
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     if cfg.threads:
@@ -452,8 +453,8 @@ def train(config: TrainConfig, data: Optional[Tensor] = None) -> Path:
     def sample_grid(step: int) -> None:
         if not dist.main or cfg.sample_every < 0 or cfg.num_samples < 1:
             return
-        from .images import save_grid
-        from .sampling import sample
+        from ..sampling import sample
+        from ..util.images import save_grid
 
         den = Denoiser(ema, proc, prediction=cfg.objective,
                        model_time=None if cfg.objective == "edm" else model_time_fn(mt, proc),
@@ -547,7 +548,7 @@ def read_log(out_dir) -> List[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------
-# command line: `python -m diffsolve.train ...` (and `diffsolve train ...` once wired in the CLI)
+# command line: `python -m diffsolve.training ...` (and `diffsolve train ...` once wired in the CLI)
 # ----------------------------------------------------------------------------------------
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="diffsolve train", description="Train a diffusion/flow UNet.")

@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .denoiser import Denoiser, outputs_from
-from .processes import NoiseProcess
+from ..adapters.denoiser import Denoiser, outputs_from
+from ..processes import NoiseProcess
 
 Tensor = torch.Tensor
 DT = torch.float64

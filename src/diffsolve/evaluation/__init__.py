@@ -1,0 +1,1 @@
+"""Evaluation: image metrics (FD-LeNet and its shipped LeNet-5)."""

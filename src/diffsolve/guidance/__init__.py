@@ -1,0 +1,4 @@
+"""Guidance as wrappers around a model: each corrects the model's prediction, so it reaches every solver."""
+from .cfg import ClassifierFreeGuidance
+
+__all__ = ["ClassifierFreeGuidance"]

@@ -1,0 +1,1 @@
+"""Ground floor: file I/O, JSON values, seeding, data sets and image grids.  Imports nothing else of diffsolve."""
