@@ -3,7 +3,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
+CORE := src/diffsolve/processes src/diffsolve/adapters src/diffsolve/grids src/diffsolve/solvers \
+	src/diffsolve/sampling src/diffsolve/guidance
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m diffsolve demo --out out
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy $(CORE)
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -14,19 +14,28 @@ import functools
 import os
 from typing import Any
 
-from . import grids, reference, solvers as _solvers_pkg
+from . import grids, reference
+from . import solvers as _solvers_pkg
 from .adapters import Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
 from .adapters.identity import ModelMismatch
 from .grids import TimeGrid, explicit, make_grid
 from .guidance import ClassifierFreeGuidance
 from .hub import load, save_model
-from .processes import (EDM, VE, AffineInterpolant, NoiseProcess, RectifiedFlow, Shifted, VPContinuous, VPDiscrete,
-                        process_from_config)
+from .processes import (
+    EDM,
+    VE,
+    AffineInterpolant,
+    NoiseProcess,
+    RectifiedFlow,
+    Shifted,
+    VPContinuous,
+    VPDiscrete,
+    process_from_config,
+)
 from .reference import GaussianMixture, exact_targets
 from .sampling import SampleInfo, SamplerSpec
 from .sampling import sample as _sample
-from .solvers import SOLVERS, SamplingError, SolverInfo, SolverState, get_solver, solvers
-from .solvers import dpm_v3, momentum
+from .solvers import SOLVERS, SamplingError, SolverInfo, SolverState, dpm_v3, get_solver, momentum, solvers
 
 __version__ = "0.1.0"
 timesteps = grids  # the former name of the grids package

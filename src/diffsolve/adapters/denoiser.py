@@ -50,13 +50,13 @@ class Prediction:
     @property
     def x0(self) -> Tensor:
         if self._x0 is None:
-            self._x0 = _affine(self.x, self._eps, -self.sigma, self.alpha)
+            self._x0 = _affine(self.x, self._eps, -self.sigma, self.alpha)  # type: ignore[arg-type]
         return self._x0
 
     @property
     def eps(self) -> Tensor:
         if self._eps is None:
-            self._eps = _affine(self.x, self._x0, -self.alpha, self.sigma)
+            self._eps = _affine(self.x, self._x0, -self.alpha, self.sigma)  # type: ignore[arg-type]
         return self._eps
 
 
@@ -177,12 +177,13 @@ class Denoiser:
             y = kwargs.get(p.offset_key)
             if y is None:
                 raise ValueError(f"the process has an offset: pass its conditioning as model_kwargs[{p.offset_key!r}]")
-            b = p.offset(t)
-            b = float(b) if not t.dim() else b.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
+            b_t = p.offset(t)
+            b: Any = float(b_t) if not t.dim() else b_t.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
             x_net = x + b * y.to(x)
         c = Coeffs(a, s, sigma_data=self.sigma_data)
         if self.param.needs_rates:
-            da, ds_ = p.d_alpha(t), p.d_sigma(t)
+            da: Any = p.d_alpha(t)
+            ds_: Any = p.d_sigma(t)
             if isinstance(a, Tensor):
                 da, ds_ = da.to(a).reshape(a.shape), ds_.to(a).reshape(a.shape)
             else:

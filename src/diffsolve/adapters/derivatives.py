@@ -28,7 +28,8 @@ def prediction_fn(model: Model, t: Any, kwargs: Optional[Mapping[str, Any]] = No
 
 def jvp(fn: Callable[..., Tensor], primals: Tuple[Tensor, ...], tangents: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor]:
     """(fn(*primals), J tangents) in forward mode (``torch.func.jvp``)."""
-    return torch.func.jvp(fn, primals, tangents)
+    out, jv = torch.func.jvp(fn, primals, tangents)[:2]
+    return out, jv
 
 
 def vjp(fn: Callable[[Tensor], Tensor], x: Tensor, cotangent: Optional[Tensor] = None,

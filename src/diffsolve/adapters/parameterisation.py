@@ -76,7 +76,7 @@ class Parameterisation:
 
 
 def _vel_det(c: Coeffs) -> Tensor:
-    return c.alpha * c.d_sigma - c.sigma * c.d_alpha
+    return c.alpha * c.d_sigma - c.sigma * c.d_alpha  # type: ignore[operator]
 
 
 def _edm(c: Coeffs) -> dict:
@@ -101,9 +101,10 @@ PARAMETERISATIONS: Dict[str, Parameterisation] = {p.name: p for p in [
         "score", lambda out, x, c: ((x + c.sigma**2 * out) / c.alpha, -c.sigma * out),
         lambda x0, eps, x, c: -eps / c.sigma, lambda c: c.sigma**2 / c.alpha),
     Parameterisation(
-        "velocity", lambda out, x, c: ((c.d_sigma * x - c.sigma * out) / _vel_det(c),
-                                       (c.alpha * out - c.d_alpha * x) / _vel_det(c)),
-        lambda x0, eps, x, c: c.d_alpha * x0 + c.d_sigma * eps, lambda c: c.sigma / _vel_det(c),
+        "velocity", lambda out, x, c: ((c.d_sigma * x - c.sigma * out) / _vel_det(c),  # type: ignore[operator]
+                                       (c.alpha * out - c.d_alpha * x) / _vel_det(c)),  # type: ignore[operator]
+        lambda x0, eps, x, c: c.d_alpha * x0 + c.d_sigma * eps,  # type: ignore[operator]
+        lambda c: c.sigma / _vel_det(c),
         needs_rates=True, aliases=("flow", "flow_matching"), diffusers="flow_prediction"),
     Parameterisation(
         "edm", lambda out, x, c: (_edm(c)["c_skip"] * (x / c.alpha) + _edm(c)["c_out"] * out, None),

@@ -15,9 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import library as ds
-
 from . import harness as H
+from . import library as ds
 from . import peers as P
 
 DT = torch.float64

@@ -24,11 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import library as ds
-
 from ..adapters.denoiser import with_network
 from ..util.jsonable import jsonable
-
+from . import library as ds
 from . import peers as P
 
 Tensor = torch.Tensor

@@ -322,8 +322,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     """The shipped MNIST model: default solver at the demo NFEs and a 100-NFE reference from the same noise,
     each scored with FD-LeNet (writes demo.png and demo.json)."""
-    from .demo_model import demo_model
     from ..evaluation.metrics import default_metric
+    from .demo_model import demo_model
 
     t0 = time.perf_counter()
     nfes = [n for n in args.nfe]

@@ -19,9 +19,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..adapters.denoiser import Denoiser
-from ..adapters.parameterisation import PREDICTIONS, canonical, edm_noise_time
-from ..processes import NoiseProcess, process_from_config
+from ..adapters.parameterisation import canonical, edm_noise_time
+from ..processes import NoiseProcess
 from ..util.files import json_dump_atomic, save_safetensors, sha256_file
 
 Tensor = torch.Tensor

@@ -2,12 +2,12 @@
 paths (Albergo et al. 2023)."""
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
-from .base import DT, NoiseProcess, Tensor, as_t as _as_t
+from .base import DT, NoiseProcess, Tensor
+from .base import as_t as _as_t
 
 
 class RectifiedFlow(NoiseProcess):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .base import DT, NoiseProcess, Tensor, as_t as _as_t
+from .base import NoiseProcess
+from .base import as_t as _as_t
 
 
 class _AlphaOne(NoiseProcess):

@@ -4,11 +4,12 @@ interpolating log alpha piecewise-linearly as in DPM-Solver, Lu et al. 2022) and
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import DT, NoiseProcess, Tensor, as_t as _as_t
+from .base import DT, NoiseProcess, Tensor
+from .base import as_t as _as_t
 
 
 class _LogAlpha(NoiseProcess):

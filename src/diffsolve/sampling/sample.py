@@ -74,7 +74,7 @@ def plan_run(info: SolverInfo, model: Model, nfe: Optional[int], spacing: Union[
         plan = info.plan_budget(nfe, clean)
         n_points = plan.steps if clean else plan.steps + 1
         return make_grid(proc, n_points, spacing, final), plan
-    tgrid = grid if isinstance(grid, TimeGrid) else explicit(proc, t=grid, final=final)
+    tgrid = grid if isinstance(grid, TimeGrid) else explicit(proc, t=grid, final=final)  # type: ignore[arg-type]
     if tgrid.steps < 1:
         raise ValueError("an explicit grid needs at least two points (or one point and final='denoise')")
     plan = info.plan_grid(tgrid)
@@ -198,7 +198,7 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
         raise SamplingError(f"solver {info.name!r} produced a non-finite sample")
     if offset_y is not None and not tgrid.clean_end:  # back to x_t at t_min
         b_end = float(proc.offset(torch.tensor(float(tgrid.t[-1]), dtype=torch.float64)))
-        out = out + b_end * ev.state.kwargs[proc.offset_key].to(out)
+        out = out + b_end * offset_y_end(ev.state.kwargs, proc).to(out)
     if return_info:
         opts.pop("orders", None)
         return out, SampleInfo(info.name, ev.nfe, tgrid.steps, tgrid, opts, check_calls)
@@ -213,3 +213,8 @@ def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
         raise ValueError(f"the process has an offset: model_kwargs[{proc.offset_key!r}] must be a tensor shaped like "
                          f"the batch {tuple(x.shape)}")
     return y.to(x)
+
+
+def offset_y_end(kwargs: Dict[str, Any], proc) -> Tensor:
+    """The offset's conditioning y of the final state's rows."""
+    return kwargs[str(proc.offset_key)]

@@ -19,7 +19,7 @@ from .state import Noise, Point
 Tensor = torch.Tensor
 
 
-def ddim(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, eta: float = 0.0) -> Tensor:
+def ddim(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, eta: float = 0.0):
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
@@ -36,6 +36,6 @@ def ddim(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, eta: float = 0.
     return run_multistep(ev, x, grid, update, order=1, history=1)
 
 
-def ddpm(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise) -> Tensor:
+def ddpm(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise):
     """Ancestral sampling: DDIM with eta = 1."""
     return ddim(ev, x, grid, noise, eta=1.0)

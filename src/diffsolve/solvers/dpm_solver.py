@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import torch
-
 import numpy as np
+import torch
 
 from ..grids import TimeGrid
 from .drivers import Evaluator, grid_point, run_multistep, run_singlestep

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from ..grids import TimeGrid
-from .drivers import Evaluator, grid_point, run_multistep
 from .dpm_v3_stats import FORMAT, Statistics, StatisticsMismatch
+from .drivers import Evaluator, grid_point, run_multistep
 from .state import Noise, Point
 
 Tensor = torch.Tensor

@@ -114,6 +114,21 @@ class Statistics:
         meta.pop("format", None)
         return cls(t["lam"], t["l"], t["s"], t["b"], meta, t.get("probe"), extrapolate)
 
+    # -- tensors -----------------------------------------------------------------------
+    def to_tensors(self, prefix: str = "") -> Tuple[Dict[str, Tensor], str]:
+        """(tensors, JSON metadata) of these statistics, for embedding in another safetensors file."""
+        t = {prefix + "lam": self.lam, prefix + "l": self.l, prefix + "s": self.s, prefix + "b": self.b}
+        if self.probe is not None:
+            t[prefix + "probe"] = self.probe
+        return t, json.dumps(dict(self.meta, extrapolate=self.extrapolate), sort_keys=True, default=float)
+
+    @classmethod
+    def from_tensors(cls, t: Dict[str, Tensor], meta_json: str, prefix: str = "") -> "Statistics":
+        meta = json.loads(meta_json or "{}")
+        extrapolate = bool(meta.pop("extrapolate", False))
+        return cls(t[prefix + "lam"], t[prefix + "l"], t[prefix + "s"], t[prefix + "b"], meta,
+                   t.get(prefix + "probe"), extrapolate)
+
     # -- validity --------------------------------------------------------------------
     def check(self, model: Model, shape: Optional[Sequence[int]] = None,
               lam_span: Optional[Tuple[float, float]] = None, fingerprint: bool = True,
@@ -233,10 +248,10 @@ class Statistics:
         nd = torch.tensor(nodes, dtype=DT)
         eS = torch.exp(-(ps.integral(nd) - S_st[0]))  # [n+1, D]
         Bt = torch.stack([torch.zeros(D, dtype=DT)] + [self._int_expS_b(lam_s, float(v), S_st[0]) for v in nodes[1:]])
-        M = np.zeros((n + 1, n + 1))  # M[k, j]: weight of g_j in the k-th Taylor coefficient (k = 0: g_0)
-        M[0, 0] = 1.0
-        M[1:] = coef
-        Wg = torch.from_numpy(M.T.copy()) @ Phi  # [n+1 (j), D]: sum_k M[k, j] Phi_k
+        Mw = np.zeros((n + 1, n + 1))  # Mw[k, j]: weight of g_j in the k-th Taylor coefficient (k = 0: g_0)
+        Mw[0, 0] = 1.0
+        Mw[1:] = coef
+        Wg = torch.from_numpy(Mw.T.copy()) @ Phi  # [n+1 (j), D]: sum_k M[k, j] Phi_k
         W = Wg * eS
         C = Psi - (Wg * Bt).sum(0)
         return A, W, C
@@ -285,20 +300,3 @@ class _Hermite:
         part = ((x4 / 2 - x3 + x) * self.v[i] + (x4 / 4 - 2 * x3 / 3 + x2 / 2) * d * self.m[i]
                 + (-x4 / 2 + x3) * self.v[i + 1] + (x4 / 4 - x3 / 3) * d * self.m[i + 1])
         return self.cum[i] + d * part
-
-
-
-    # -- tensors -----------------------------------------------------------------------
-    def to_tensors(self, prefix: str = "") -> Tuple[Dict[str, Tensor], str]:
-        """(tensors, JSON metadata) of these statistics, for embedding in another safetensors file."""
-        t = {prefix + "lam": self.lam, prefix + "l": self.l, prefix + "s": self.s, prefix + "b": self.b}
-        if self.probe is not None:
-            t[prefix + "probe"] = self.probe
-        return t, json.dumps(dict(self.meta, extrapolate=self.extrapolate), sort_keys=True, default=float)
-
-    @classmethod
-    def from_tensors(cls, t: Dict[str, Tensor], meta_json: str, prefix: str = "") -> "Statistics":
-        meta = json.loads(meta_json or "{}")
-        extrapolate = bool(meta.pop("extrapolate", False))
-        return cls(t[prefix + "lam"], t[prefix + "l"], t[prefix + "s"], t[prefix + "b"], meta,
-                   t.get(prefix + "probe"), extrapolate)

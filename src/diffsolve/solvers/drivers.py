@@ -87,7 +87,18 @@ class Evaluator:
         self.on_call, self.after_step, self.diffusion = on_call, after_step, diffusion
         self.nfe = 0
         self.step = 0
-        self.state: Optional[SolverState] = None
+        self._state: Optional[SolverState] = None
+
+    @property
+    def state(self) -> SolverState:
+        """The solver state of the run (``begin`` creates it)."""
+        if self._state is None:
+            raise SamplingError("the evaluator has no solver state yet: call begin(x, noise) first")
+        return self._state
+
+    @state.setter
+    def state(self, st: SolverState) -> None:
+        self._state = st
 
     @property
     def process(self):
@@ -104,9 +115,9 @@ class Evaluator:
         return torch.as_tensor(self.diffusion(t), dtype=torch.float64)
 
     def begin(self, x: Tensor, noise: Any) -> SolverState:
-        if self.state is None:
-            self.state = SolverState(x=x, noise=noise if noise is not None else Noise(), kwargs=dict(self.kwargs))
-        return self.state
+        if self._state is None:
+            self._state = SolverState(x=x, noise=noise if noise is not None else Noise(), kwargs=dict(self.kwargs))
+        return self._state
 
     # -- evaluations ----------------------------------------------------------------------
     def request(self, x: Tensor, t: float, coeffs: Optional[tuple] = None) -> Request:
@@ -122,7 +133,7 @@ class Evaluator:
             tt = torch.tensor(float(t), dtype=torch.float64)
             coeffs = (float(p.alpha(tt)), float(p.sigma(tt)), float(p.lam(tt)))
         a, s, lam = coeffs
-        kwargs = self.state.kwargs if self.state is not None else self.kwargs
+        kwargs = self._state.kwargs if self._state is not None else self.kwargs
         try:
             pred = self.model.evaluate(req.x, float(t), kwargs, (a, s))
         except NonFiniteError as e:
@@ -147,8 +158,9 @@ class Evaluator:
             t_next = "clean" if clean else f"t={float(grid.t[i + 1]):.6g}"
             raise SamplingError(f"state became non-finite at step {i} ({float(grid.t[i]):.6g} -> {t_next}); "
                                 "try more NFE, another grid, or a lower-order solver")
-        st = self.state if self.state is not None else SolverState(x=x)
-        self.state = st
+        if self._state is None:
+            self._state = SolverState(x=x)
+        st = self._state
         st.x, st.i = x, i + 1
         self.step = i + 1
         t_to = None if clean else float(grid.t[i + 1])
@@ -179,14 +191,14 @@ def grid_point(grid: TimeGrid, i: int) -> tuple:
 # ----------------------------------------------------------------------------------------
 # running programs
 # ----------------------------------------------------------------------------------------
-def drive(program: Any, ev: Evaluator) -> Tensor:
+def drive(program: Any, ev: Evaluator) -> Any:
     """Run a solver program to the end, answering each request with a model evaluation."""
     if not inspect.isgenerator(program):
         return program
     try:
         req = next(program)
         while True:
-            req = program.send(ev.evaluate(req))
+            req = program.send(ev.evaluate(req))  # type: ignore[arg-type]
     except StopIteration as stop:
         return stop.value
 

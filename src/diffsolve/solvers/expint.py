@@ -120,11 +120,11 @@ def lagrange_weights(nodes: Sequence[float], a: float, b: float,
     xs, ws = np.polynomial.legendre.leggauss(n_quad)
     u = 0.5 * (b - a) * xs + 0.5 * (b + a)
     jac = dsigma(u) * ws * 0.5 * (b - a)
-    nodes = np.asarray(nodes, dtype=np.float64)
-    out = np.empty(len(nodes))
-    for j, uj in enumerate(nodes):
+    node_arr = np.asarray(nodes, dtype=np.float64)
+    out = np.empty(len(node_arr))
+    for j, uj in enumerate(node_arr):
         L = np.ones_like(u)
-        for m, um in enumerate(nodes):
+        for m, um in enumerate(node_arr):
             if m != j:
                 L *= (u - um) / (uj - um)
         out[j] = np.sum(L * jac)

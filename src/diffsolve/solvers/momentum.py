@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
-from . import adams, dpm_solver
 from ..grids import TimeGrid
+from . import adams, dpm_solver
 from .drivers import Evaluator, grid_point, run_multistep
 from .expint import exp_coefficients, exp_frame, lagrange_weights
 from .state import Noise, Point
@@ -126,7 +127,7 @@ def ghvb(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 4,
         u = [node(p.t, p.lam, p.sigma_ve) for p in pts]
         a, b = u[-1], node(float(grid.t[i + 1]), lam_t, s_t / a_t)
         wk = lagrange_weights(u, a, b, dsig)
-        wk1 = lagrange_weights(u[1:], a, b, dsig) if k > 1 else []
+        wk1 = lagrange_weights(u[1:], a, b, dsig) if k > 1 else np.zeros(0)
         e = float(wk[0]) * vs[0]
         for j in range(1, k):
             e = e + float(wk1[j - 1]) * pts[j].eps + float(wk[j] - wk1[j - 1]) * vs[j]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..adapters.denoiser import Denoiser, outputs_from
-from ..adapters.parameterisation import edm_coefficients, get_parameterisation
+from ..adapters.parameterisation import edm_coefficients
 from ..hub.checkpoint import CONFIG, WEIGHTS, model_time_fn, save_model
 from ..processes import EDM, VE, NoiseProcess, VPDiscrete, process_from_config
 
@@ -340,8 +340,8 @@ def train(config: TrainConfig, data: Optional[Tensor] = None) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
-    from ..util.datasets import load_dataset
     from ..models import UNet, UNetConfig, architecture, count_parameters
+    from ..util.datasets import load_dataset
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     if cfg.threads:

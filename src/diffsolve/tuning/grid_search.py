@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..adapters.denoiser import Model as Denoiser
-from ..grids import SPACINGS, TimeGrid, explicit, from_unit, make_grid, to_unit, validate_times
+from ..grids import TimeGrid, explicit, from_unit, make_grid, to_unit, validate_times
 from ..processes import NoiseProcess
 from ..sampling import sample
 from ..solvers import get_solver

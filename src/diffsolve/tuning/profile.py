@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union

@@ -52,7 +52,7 @@ from ..solvers import get_solver
 from ..solvers.dpm_v3_stats import Statistics
 from ..util import seeding
 from .grid_search import mutate, steps_for_nfe, tournament
-from .profile import DT, Entry, Profile, PathLike, fmt
+from .profile import DT, Entry, PathLike, Profile, fmt
 from .statistics import compute_statistics
 
 Tensor = torch.Tensor
