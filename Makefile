@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m diffsolve demo --out out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy $(CORE)
 

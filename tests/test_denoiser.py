@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import randn
 
 import diffsolve as ds
-from conftest import randn
 
 DT = torch.float64
 REF = ds.GaussianMixture.random(dim=6, n_components=3, seed=3)

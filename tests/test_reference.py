@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import randn
 
 import diffsolve as ds
-from conftest import randn
 
 DT = torch.float64
 

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import diffsolve as ds
 from diffsolve.hub import checkpoint as ckpt
-from diffsolve.util.datasets import load_dataset
 from diffsolve.models import UNet, UNetConfig
 from diffsolve.training import TrainConfig, read_log, train
+from diffsolve.util.datasets import load_dataset
 
 TINY = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": False, "groups": 4}
 STEPS = 240

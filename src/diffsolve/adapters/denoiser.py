@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Unio
 import torch
 
 from ..processes import NoiseProcess
-from .parameterisation import Coeffs, edm_noise_time, get_parameterisation
+from .parameterisation import Coeffs, edm_coefficients, edm_noise_time, get_parameterisation
 
 Tensor = torch.Tensor
 
@@ -190,7 +190,6 @@ class Denoiser:
                 da, ds_ = float(da), float(ds_)
             c = c._replace(d_alpha=da, d_sigma=ds_)
         if self.param.preconditioned:
-            from .parameterisation import edm_coefficients
             x_net = x_net * (edm_coefficients(torch.as_tensor(s / a), self.sigma_data)["c_in"] / a)
         raw, tm = self.call_network(x_net, t, kwargs)
         out = raw.to(sd)

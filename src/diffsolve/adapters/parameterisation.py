@@ -83,6 +83,16 @@ def _edm(c: Coeffs) -> dict:
     return edm_coefficients(c.sigma / c.alpha, c.sigma_data)
 
 
+def _edm_to_x0(out: Tensor, x: Tensor, c: Coeffs) -> Tuple[Tensor, Optional[Tensor]]:
+    k = _edm(c)
+    return k["c_skip"] * (x / c.alpha) + k["c_out"] * out, None
+
+
+def _edm_from_x0(x0: Tensor, eps: Tensor, x: Tensor, c: Coeffs) -> Tensor:
+    k = _edm(c)
+    return (x0 - k["c_skip"] * (x / c.alpha)) / k["c_out"]
+
+
 PARAMETERISATIONS: Dict[str, Parameterisation] = {p.name: p for p in [
     Parameterisation(
         "epsilon", lambda out, x, c: ((x - c.sigma * out) / c.alpha, out), lambda x0, eps, x, c: eps,
@@ -107,8 +117,7 @@ PARAMETERISATIONS: Dict[str, Parameterisation] = {p.name: p for p in [
         lambda c: c.sigma / _vel_det(c),
         needs_rates=True, aliases=("flow", "flow_matching"), diffusers="flow_prediction"),
     Parameterisation(
-        "edm", lambda out, x, c: (_edm(c)["c_skip"] * (x / c.alpha) + _edm(c)["c_out"] * out, None),
-        lambda x0, eps, x, c: (x0 - _edm(c)["c_skip"] * (x / c.alpha)) / _edm(c)["c_out"],
+        "edm", _edm_to_x0, _edm_from_x0,
         lambda c: _edm(c)["c_out"], preconditioned=True),
 ]}
 _ALIASES = {a: p.name for p in PARAMETERISATIONS.values() for a in p.aliases}

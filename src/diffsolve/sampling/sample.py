@@ -183,9 +183,8 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {sd}")
     x = proc.prior_from_noise(noise.to(sd)) if scale_noise else noise.to(sd)
     offset_y = _offset(proc, ev.kwargs, x)
-    if offset_y is not None:  # solve in the standard frame x - b(t) y
-        x = x - float(proc.offset(torch.tensor(float(tgrid.t[0]), dtype=torch.float64))) * offset_y \
-            if not scale_noise else x
+    if offset_y is not None and not scale_noise:  # a given x_T: solve in the standard frame x - b(t) y
+        x = x - _b(proc, tgrid.t[0]) * offset_y
     ev.begin(x, rng)
     mode = contextlib.nullcontext() if grad else torch.no_grad()
     try:
@@ -197,8 +196,7 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
     if not torch.isfinite(out).all():
         raise SamplingError(f"solver {info.name!r} produced a non-finite sample")
     if offset_y is not None and not tgrid.clean_end:  # back to x_t at t_min
-        b_end = float(proc.offset(torch.tensor(float(tgrid.t[-1]), dtype=torch.float64)))
-        out = out + b_end * offset_y_end(ev.state.kwargs, proc).to(out)
+        out = out + _b(proc, tgrid.t[-1]) * ev.state.kwargs[str(proc.offset_key)].to(out)  # rows after any reindex
     if return_info:
         opts.pop("orders", None)
         return out, SampleInfo(info.name, ev.nfe, tgrid.steps, tgrid, opts, check_calls)
@@ -215,6 +213,5 @@ def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
     return y.to(x)
 
 
-def offset_y_end(kwargs: Dict[str, Any], proc) -> Tensor:
-    """The offset's conditioning y of the final state's rows."""
-    return kwargs[str(proc.offset_key)]
+def _b(proc, t: Tensor) -> float:
+    return float(proc.offset(torch.as_tensor(float(t), dtype=torch.float64)))

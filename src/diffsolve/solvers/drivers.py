@@ -259,6 +259,14 @@ def resolve_lower_order_final(flag: Optional[bool], grid: TimeGrid) -> bool:
 UpdateFn = Callable[[Tensor, int, List[Point], int], Tensor]
 
 
+def _evaluate_point(ev: Evaluator, grid: TimeGrid, i: int, history: int) -> Generator[Request, Point, Point]:
+    """Evaluate at (state x, t_i) and keep the point in the state's history (the latest ``history`` points)."""
+    pt = yield ev.at(ev.state.x, grid, i)
+    st = ev.state
+    st.history = (st.history + [pt])[-history:]
+    return pt
+
+
 def run_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, update: UpdateFn, order: int,
                   lower_order_final: Optional[bool] = None, history: int = 4,
                   correct: Optional[Callable[[Tensor, List[Point], int], Tensor]] = None) -> Program:
@@ -272,10 +280,8 @@ def run_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, update: UpdateFn, or
     lof = resolve_lower_order_final(lower_order_final, grid)
     ev.begin(x, None)
     for i in range(grid.steps):
+        pt = yield from _evaluate_point(ev, grid, i, history)
         st = ev.state
-        pt = yield ev.at(st.x, grid, i)
-        st = ev.state
-        st.history = (st.history + [pt])[-history:]
         clean = grid.is_clean(i + 1)
         if correct is not None and len(st.history) > 1 and st.order > 0 and not clean:
             st.x = correct(st.x, st.history, st.order)
@@ -305,10 +311,8 @@ def run_singlestep(ev: Evaluator, x: Tensor, grid: TimeGrid, step: StepFn,
         raise ValueError(f"{len(orders)} step orders for a grid of {grid.steps} steps")
     ev.begin(x, None)
     for i in range(grid.steps):
+        p0 = yield from _evaluate_point(ev, grid, i, history)
         st = ev.state
-        p0 = yield ev.at(st.x, grid, i)
-        st = ev.state
-        st.history = (st.history + [p0])[-history:]
         if grid.is_clean(i + 1):
             x_next = p0.x0
         else:

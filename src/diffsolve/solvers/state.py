@@ -148,8 +148,3 @@ class SolverState:
         self.order = 0
         return self
 
-
-def generators_from_seeds(seeds: Sequence[int], device="cpu") -> List[torch.Generator]:
-    """The solver's random stream of each sample seed (``diffsolve.util.seeding``)."""
-    from ..util.seeding import solver_generators
-    return solver_generators(seeds, device)
