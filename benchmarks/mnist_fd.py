@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffsolve.metrics import default_metric
 
 import diffsolve as ds
+from diffsolve.evaluation.metrics import default_metric
 
 
 def diffusers_dpm(den: ds.Denoiser, noise: torch.Tensor, steps: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def dpm_v3(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, stats: Option
     """
     if stats is None:
         raise ValueError("solver 'dpm-v3' needs stats=: empirical model statistics of this model, e.g. "
-                         "ds.dpm_v3.compute_statistics(den, data, path='stats.safetensors') or "
+                         "ds.compute_statistics(den, data, path='stats.safetensors') or "
                          "ds.dpm_v3.Statistics.load(path); Statistics.degenerate() gives DPM-Solver++")
     if not isinstance(stats, Statistics):
         raise TypeError(f"stats must be a dpm_v3.Statistics, got {type(stats).__name__}")

@@ -13,7 +13,7 @@ another guidance scale or another data shape, and when its files are corrupted.
 
 What is searched, per NFE budget (``method``):
 
-* ``'v3'``: DPM-Solver-v3 with empirical model statistics of this model (``dpm_v3.compute_statistics`` on
+* ``'v3'``: DPM-Solver-v3 with empirical model statistics of this model (``tuning.statistics.compute_statistics`` on
   ``data``), ``'grids'``: the statistics-free multistep solvers (UniPC-bh2, DPM-Solver++(3M)),
   ``'auto'`` (default): both (v3 only when statistics can be had).
 * the grids: the named spacings (log-SNR, quadratic, Karras, five-step) with both last-step rules, and a
