@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..adapters.denoiser import with_network
+from ..evaluation.teacher import ExactTeacher, ModelTeacher
 from ..util.jsonable import jsonable
 from . import library as ds
 from . import peers as P
@@ -141,18 +142,19 @@ def detect_endpoint(process, out: Tensor, view: str, last_sigma: float, net: Cou
 # references: the exact answer for each endpoint
 # ----------------------------------------------------------------------------------------
 class ExactReference:
-    """Exact targets of the Gaussian-mixture model: the probability-flow ODE from x_T at t_max (adaptive
-    DOP853, rtol 1e-10) to wherever a run stops; its exact posterior mean at t_min for runs that end
+    """Exact targets of the Gaussian-mixture model (``ExactTeacher``): the probability-flow ODE from x_T at t_max
+    (adaptive DOP853, rtol 1e-10) to wherever a run stops; its exact posterior mean at t_min for runs that end
     with the jump (the NFE -> infinity limit of every such sampler); and the ODE continued to
-    sigma / alpha = 1e-6 for runs that integrate to sigma = 0."""
+    sigma / alpha = 1e-6 for runs that integrate to sigma = 0.  Cached per endpoint."""
 
     exact = True
     SIGMA0 = 1e-6
 
     def __init__(self, ref: ds.GaussianMixture, process, x_T: Tensor, rtol: float = 1e-10):
+        self.teacher = ExactTeacher(ref, process, rtol, threads=None)
         self.ref, self.process, self.x_T, self.rtol = ref, process, x_T.to(DT), rtol
         t0 = time.perf_counter()
-        self.targets = ds.exact_targets(ref, process, self.x_T * process.prior_scale, rtol=rtol)
+        self.targets = self.teacher.targets(self.x_T)
         self.seconds = time.perf_counter() - t0
         self._cache: Dict[Tuple, Tensor] = {("jump", None): self.targets.denoised,
                                             ("stop", round(process.t_min, 6)): self.targets.at_t_min}
@@ -160,31 +162,22 @@ class ExactReference:
 
     def error_bar(self, n: int = 4) -> float:
         """max |difference| of the t_min target to a solve at rtol/2 (first n samples)."""
-        p = self.process
-        _, err = self.ref.ode_solution(p, self.x_T[:n] * p.prior_scale, p.t_max, p.t_min, rtol=self.rtol, check=True)
-        return err
+        return self.teacher.error_bar(self.x_T[:n])
 
     def target(self, ep: Endpoint) -> Tensor:
         key = ep.key
         if key not in self._cache:
-            p = self.process
             t0 = time.perf_counter()
             if ep.kind == "sigma0":
-                tm = torch.tensor(p.t_min, dtype=DT)
-                a, s = float(p.alpha(tm)), float(p.sigma_ve(tm))
-                self._cache[key] = self.ref.ode_solve_ve(self.targets.at_t_min / a, s, self.SIGMA0, self.rtol)
+                self._cache[key] = self.teacher.beyond_t_min(self.targets.at_t_min, self.SIGMA0)
             else:
-                self._cache[key] = self.ref.ode_solution(p, self.x_T * p.prior_scale, p.t_max, ep.t, self.rtol)
+                self._cache[key] = self.teacher.state_at(self.x_T, ep.t)
             self.seconds += time.perf_counter() - t0
         return self._cache[key]
 
     def log_prob(self, x: Tensor, ep: Endpoint) -> Tensor:
         """log-density of states at the endpoint: the data mixture (clean), or the exact marginal at t."""
-        if ep.kind in ("jump", "sigma0"):
-            return self.ref.log_prob(x)
-        tt = torch.tensor(ep.t, dtype=DT)
-        a, s = float(self.process.alpha(tt)), float(self.process.sigma_ve(tt))
-        return self.ref.log_prob_ve(x / a, s)
+        return self.teacher.log_prob(x, None if ep.kind in ("jump", "sigma0") else ep.t)
 
     def score(self, x: Tensor, ep: Endpoint) -> Dict[str, float]:
         target = self.target(ep)
@@ -199,44 +192,36 @@ class ExactReference:
 
 
 class ModelReference:
-    """For a model without an exact answer: a high-NFE solution of the same model (``solver`` on a
-    log-SNR grid with ``nfe`` evaluations) to wherever a run stops; runs that jump are compared with
+    """For a model without an exact answer (``ModelTeacher``): a high-NFE solution of the same model (``solver``
+    on a log-SNR grid with ``nfe`` evaluations) to wherever a run stops; runs that jump are compared with
     the model's own x0 prediction at the t_min state.  No likelihood metric; for MNIST-shaped images
     (1 x 28 x 28) also the image metric FD-LeNet (``diffsolve.metrics``) of every run."""
 
     exact = False
 
     def __init__(self, den: ds.Denoiser, x_T: Tensor, nfe: int = 200, solver: str = "dpm++3m"):
+        self.teacher = ModelTeacher(den, solver, nfe)
         self.den, self.x_T, self.nfe, self.solver = den, x_T, nfe, solver
         self.process = den.process
         self.image_metric = None
         if tuple(x_T.shape[1:]) == (1, 28, 28) and x_T.shape[0] >= 2:
-            from ..metrics import default_metric
+            from ..evaluation.metrics import default_metric
             self.image_metric = default_metric()
         t0 = time.perf_counter()
-        p = self.process
-        x_min = ds.sample(den, x_T, solver, nfe=nfe, spacing="logsnr", final="t_min")
-        self._cache: Dict[Tuple, Tensor] = {("stop", round(p.t_min, 6)): x_min}
-        self._cache[("jump", None)] = den.predict(x_min, p.t_min)[0]
+        tg = self.teacher.targets(x_T)
+        self._cache: Dict[Tuple, Tensor] = {("stop", round(self.process.t_min, 6)): tg.at_t_min,
+                                            ("jump", None): tg.denoised}
         self.seconds = time.perf_counter() - t0
 
     def error_bar(self, n: int = 4) -> float:
-        p = self.process
-        half = ds.sample(self.den, self.x_T[:n], self.solver, nfe=self.nfe // 2, spacing="logsnr", final="t_min")
-        return float((half - self._cache[("stop", round(p.t_min, 6))][:n]).abs().max())
+        return self.teacher.error_bar(self.x_T[:n], self._cache[("stop", round(self.process.t_min, 6))][:n])
 
     def target(self, ep: Endpoint) -> Tensor:
         key = ep.key
         if ep.kind == "sigma0":  # the model is not defined below t_min: its x0 prediction there
             key = ("jump", None)
         if key not in self._cache:
-            p = self.process
-            te = float(ep.t)
-            lo, hi = p.lam(torch.tensor(p.t_max, dtype=DT)), p.lam(torch.tensor(te, dtype=DT))
-            t = p.t_of_lam(torch.linspace(float(lo), float(hi), self.nfe + 1, dtype=DT))
-            t[0], t[-1] = p.t_max, te
-            grid = ds.explicit(p, t=t, final="t_min")
-            self._cache[key] = ds.sample(self.den, self.x_T, self.solver, grid=grid, nfe=None)
+            self._cache[key] = self.teacher.state_at(self.x_T, float(ep.t))
         return self._cache[key]
 
     def score(self, x: Tensor, ep: Endpoint) -> Dict[str, float]:

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,9 +19,10 @@ import torch
 import diffsolve as ds
 
 from ..adapters.parameterisation import PARAMETERISATIONS
+from ..evaluation.teacher import ExactTeacher
 from ..grids import FINALS, SPACINGS
 from ..processes import PRESETS
-from ..reference import REFERENCES
+from ..reference import REFERENCES, ExactTargets
 from ..util import seeding
 from ..util.jsonable import jsonable
 
@@ -69,14 +70,12 @@ def _noise_and_seeds(n: int, shape: Sequence[int], seed: int):
     return seeding.noise(seeds, shape), seeds
 
 
-def _exact(ref: ds.GaussianMixture, proc: ds.NoiseProcess, noise: torch.Tensor, quiet: bool):
+def _exact(ref: ds.GaussianMixture, proc: ds.NoiseProcess, noise: torch.Tensor,
+           quiet: bool) -> Tuple[ExactTeacher, ExactTargets]:
+    """The exact teacher of ``ref`` and its targets for ``noise``."""
     _log(f"solving the exact probability-flow ODE for {noise.shape[0]} samples ...", quiet)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ODE's right-hand side is many small ops: threads cost more than they save
-    try:
-        return ds.exact_targets(ref, proc, noise * proc.prior_scale)
-    finally:
-        torch.set_num_threads(threads)
+    teacher = ExactTeacher(ref, proc)
+    return teacher, teacher.targets(noise)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,15 +86,10 @@ def _logp_per_dim(ref: ds.GaussianMixture, x: torch.Tensor) -> float:
     return float(ref.log_prob(x).mean()) / ref.dim
 
 
-def _llgap(ref: ds.GaussianMixture, x: torch.Tensor, exact: torch.Tensor, proc: ds.NoiseProcess,
-           t: Optional[float] = None) -> float:
+def _llgap(teacher: ExactTeacher, x: torch.Tensor, exact: torch.Tensor, t: Optional[float] = None) -> float:
     """[mean log p(exact) - mean log p(x)] / dim under the true mixture, or under its exact marginal at
     process time ``t`` (runs that stop at t_min).  Positive: the samples are less likely than exact ones."""
-    if t is None:
-        return _logp_per_dim(ref, exact) - _logp_per_dim(ref, x)
-    tt = torch.tensor(float(t), dtype=torch.float64)
-    a, s = float(proc.alpha(tt)), float(proc.sigma_ve(tt))
-    return float(ref.log_prob_ve(exact / a, s).mean() - ref.log_prob_ve(x / a, s).mean()) / ref.dim
+    return float(teacher.loglik_gap(x, exact, t).mean())
 
 
 def _pyplot():
@@ -192,14 +186,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t_exact = 0.0
     if m:
         t1 = time.perf_counter()
-        tg = _exact(ref, proc, noise[:m], args.quiet)
+        teacher, tg = _exact(ref, proc, noise[:m], args.quiet)
         t_exact = time.perf_counter() - t1
         target = tg.for_grid(si.ends_clean)
         metrics.update({
             "exact_target": "denoised" if si.ends_clean else "at_t_min",
             "rmse_vs_exact_ode": _rmse(x[:m], target),
             "max_abs_err_vs_exact_ode": float((x[:m] - target).abs().max()),
-            "llgap_per_dim": _llgap(ref, x[:m], target, proc, None if si.ends_clean else tg.t_min),
+            "llgap_per_dim": _llgap(teacher, x[:m], target, None if si.ends_clean else tg.t_min),
         })
         if info.stochastic:
             metrics["note"] = ("stochastic solver: it samples the reverse SDE, so its distance to the ODE "
@@ -365,7 +359,7 @@ def cmd_demo_toy(args: argparse.Namespace) -> int:
     den = ref.denoiser(proc, "x0")
     noise, _ = _noise_and_seeds(args.n, ref.shape, args.seed)
     data = ref.sample(args.n, torch.Generator().manual_seed(args.seed))
-    tg = _exact(ref, proc, noise, args.quiet)
+    teacher, tg = _exact(ref, proc, noise, args.quiet)
     exact = {"logp_per_dim_exact_ode": _logp_per_dim(ref, tg.denoised),
              "logp_per_dim_exact_data": _logp_per_dim(ref, data)}
 
@@ -377,7 +371,7 @@ def cmd_demo_toy(args: argparse.Namespace) -> int:
         samples[(nfe, s)] = x.numpy()
         runs.append({"solver": s, "nfe_budget": nfe, "nfe": si.nfe, "steps": si.steps,
                      "rmse_vs_exact_ode": _rmse(x, tg.denoised),
-                     "llgap_per_dim": _llgap(ref, x, tg.denoised, proc)})
+                     "llgap_per_dim": _llgap(teacher, x, tg.denoised)})
 
     plt = _pyplot()
     rows, cols = len(args.nfe), len(solver_names)

@@ -7,12 +7,13 @@
 * ``statistics``: estimation of DPM-Solver-v3's model statistics.
 * ``cli``: ``diffsolve tune`` (``python -m diffsolve.tuning``).
 """
+from ..evaluation.teacher import ExactTeacher, ModelTeacher, Teacher, make_teacher
 from .cli import main
 from .grid_search import Calibration, OptimizedGrid, evolve, gits
 from .profile import FORMAT, Entry, Profile, ProfileError, ProfileMismatch, load_profile
-from .search import DEFAULT_NFES, Teacher, family_times, parse_teacher, seeded_noise, tune
+from .search import DEFAULT_NFES, family_times, seeded_noise, tune
 from .statistics import compute_statistics
 
 __all__ = ["tune", "Profile", "Entry", "ProfileError", "ProfileMismatch", "load_profile", "compute_statistics",
-           "Teacher", "parse_teacher", "seeded_noise", "family_times", "FORMAT", "DEFAULT_NFES", "main", "gits", "evolve",
+           "Teacher", "ExactTeacher", "ModelTeacher", "make_teacher", "seeded_noise", "family_times", "FORMAT", "DEFAULT_NFES", "main", "gits", "evolve",
            "Calibration", "OptimizedGrid"]

@@ -10,7 +10,7 @@ import torch
 
 from ..adapters.denoiser import Denoiser
 from ..reference import REFERENCES, GaussianMixture
-from .search import DEFAULT_NFES, parse_teacher, tune
+from .search import DEFAULT_NFES, tune
 
 Tensor = torch.Tensor
 
@@ -95,7 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data = _load_tensor(args.data or "mnist")
         else:
             data = None
-        teacher = "exact" if args.teacher == "exact" else args.teacher
         log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
         t0 = time.perf_counter()
         cal = None
@@ -104,8 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prof = tune(den, _ints(args.nfe), args.method, calib_seeds=cal,
                     eval_seeds=None if args.eval is None and args.eval_seed_start == 0 else
                     list(range(args.eval_seed_start, args.eval_seed_start + (args.eval or 256))),
-                    data=data, shape=ref.shape if ref is not None else None, teacher=parse_teacher(teacher, ref),
-                    eval_teacher=None if args.eval_teacher is None else parse_teacher(args.eval_teacher, ref),
+                    data=data, shape=ref.shape if ref is not None else None, teacher=args.teacher,
+                    eval_teacher=args.eval_teacher,
                     time_budget_s=args.time_budget, out=args.out, metric=args.metric, seed=args.seed,
                     progress=not args.quiet, log=log)
         print(prof.table())

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 
 from ..adapters.denoiser import Model as Denoiser
+from ..evaluation.teacher import ModelTeacher, Teacher
 from ..grids import TimeGrid, explicit, from_unit, make_grid, to_unit, validate_times
 from ..processes import NoiseProcess
 from ..sampling import sample
 from ..solvers import get_solver
+from ..util import seeding
+from .evolution import evolve_points, free_points, grid_times
 
 Tensor = torch.Tensor
 DT = torch.float64
-
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,20 +101,21 @@ def steps_for_nfe(solver: str, nfe: int, clean_end: bool) -> Tuple[int, int]:
 
 
 class Calibration:
-    """Calibration noise, the teacher's answer for it, and a cached ``error(t)`` for a solver at an NFE budget."""
+    """Calibration noise, the teacher's answer for it (``targets``, or ``teacher``; default a ``ModelTeacher`` with
+    ``teacher_solver`` and ``teacher_nfe``), and a cached ``error(t)`` for a solver at an NFE budget."""
 
     def __init__(self, den: Denoiser, solver: str, nfe: int, noise: Optional[Tensor] = None, n: int = 128,
                  shape: Optional[Sequence[int]] = None, seed: int = 0, final: str = "denoise",
                  targets: Optional[Tensor] = None, teacher_solver: str = "dpm++3m", teacher_nfe: int = 200,
                  model_kwargs: Optional[Dict[str, Any]] = None, solver_options: Optional[Dict[str, Any]] = None,
-                 metric: str = "rmse"):
+                 metric: str = "rmse", teacher: Optional[Teacher] = None):
 
         self.den, self.process = den, den.process
         self.solver, self.nfe, self.final = get_solver(solver).name, int(nfe), final
         if noise is None:
             if shape is None:
                 raise ValueError("calibration needs noise= or shape=")
-            noise = torch.randn((n,) + tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=DT)
+            noise = seeding.noise(range(seed, seed + n), shape)  # sample i: the library's noise of seed `seed + i`
         self.noise = noise
         self.kwargs = dict(model_kwargs or {})
         self.options = dict(solver_options or {})
@@ -121,7 +123,8 @@ class Calibration:
         self.steps, self.nfe_used = steps_for_nfe(self.solver, self.nfe, self.clean)
         self.n_points = self.steps if self.clean else self.steps + 1
         if targets is None:
-            targets = sample(den, noise, teacher_solver, nfe=teacher_nfe, final=final, model_kwargs=self.kwargs)
+            teacher = ModelTeacher(den, teacher_solver, teacher_nfe) if teacher is None else teacher
+            targets = teacher.targets(noise, self.kwargs).for_grid(self.clean)
         self.targets = targets.to(DT)
         if metric not in ("rmse", "median"):
             raise ValueError(f"metric must be 'rmse' or 'median' (per-sample RMSE), got {metric!r}")
@@ -273,105 +276,41 @@ def evolve(den: Denoiser, solver: str = "dpm++2m", nfe: int = 6, *,
     """
     cal = _calibration(den, solver, nfe, calibration, **calib_kwargs)
     proc = den.process
-    rng = np.random.default_rng(seed)
     base_t = cal.start_times(start)
     base_err = cal.error(base_t)
     clean = cal.clean
-    n_free = cal.n_points - 1 if clean else cal.n_points - 2
-    gap = 1e-3
-
-    def to_free(t: Tensor) -> np.ndarray:
-        u = to_unit(proc, t).numpy()
-        return u[1:] if clean else u[1:-1]
-
-    def to_t(free: np.ndarray) -> Tensor:
-        u = np.concatenate([[0.0], free] + ([] if clean else [[1.0]]))
-        return from_unit(proc, torch.from_numpy(u), fix_last=not clean)
-
-    def repair(free: np.ndarray) -> Optional[np.ndarray]:
-        f = np.sort(np.clip(free, gap, 1.0 if clean else 1.0 - gap))
-        for i in range(1, f.size):  # enforce the minimum gap
-            f[i] = max(f[i], f[i - 1] + gap)
-        if f.size and (f[-1] > (1.0 if clean else 1.0 - gap) + 1e-12):
-            return None
-        return f
+    starts = [free_points(proc, base_t, clean)]
+    for sp in extra_starts:
+        try:
+            starts.append(free_points(proc, make_grid(proc, cal.n_points, sp, "t_min").t, clean))
+        except ValueError:
+            pass
 
     def fitness(free: np.ndarray) -> float:
-        t = to_t(free)
+        t = grid_times(proc, free, clean)
         try:
             validate_times(proc, t)
         except ValueError:
             return math.inf
         return cal.error(t)
 
-    pop: List[np.ndarray] = [to_free(base_t)]
-    for sp in extra_starts:
-        try:
-            pop.append(to_free(make_grid(proc, cal.n_points, sp, "t_min").t))
-        except ValueError:
-            pass
-    while len(pop) < population:
-        child = mutate(pop[0], rng, mutation, clean) if n_free else pop[0]
-        child = repair(child)
-        if child is not None:
-            pop.append(child)
-    if n_free == 0:
-        return OptimizedGrid(base_t, cal.final, cal.solver, cal.nfe_used, "evolution", base_err, base_t, base_err,
-                             cal.options, [base_err], cal.evaluations)
-    scored = sorted(((fitness(p), i, p) for i, p in enumerate(pop)), key=lambda z: (z[0], z[1]))
-    history = [scored[0][0]]
-    stale = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=generations, desc=f"evolve {cal.solver} nfe={nfe}", leave=False)
-    counter = len(pop)
-    for gen in range(generations):
-        nxt = [p for _, _, p in scored[:elite]]
-        ranked = [p for _, _, p in scored]
-        while len(nxt) < population:
-            pa = tournament(ranked, rng)
-            child = pa.copy()
-            if rng.random() < crossover:
-                pb = tournament(ranked, rng)
-                mask = rng.random(child.size) < 0.5
-                child = np.where(mask, pa, pb)
-            child = repair(mutate(child, rng, mutation, clean))
-            if child is not None:
-                nxt.append(child)
-        new_scored = [(fitness(p), counter + i, p) for i, p in enumerate(nxt)]
-        counter += len(nxt)
-        scored = sorted(new_scored, key=lambda z: (z[0], z[1]))
-        history.append(scored[0][0])
+
+    def tick(best: float) -> None:
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(rmse=f"{scored[0][0]:.4g}")
-        stale = stale + 1 if history[-1] >= history[-2] - 1e-15 else 0
-        if stale >= patience:
-            break
+            bar.set_postfix(rmse=f"{best:.4g}")
+
+    res = evolve_points(fitness, starts, clean, np.random.default_rng(seed), population=population, elite=elite,
+                        mutation=mutation, crossover=crossover, patience=patience, generations=generations,
+                        on_generation=tick)
     if bar is not None:
         bar.close()
-    best_err, _, best = scored[0]
-    t_best = to_t(best)
+    t_best, best_err = grid_times(proc, res.best, clean), res.value
     if not best_err < base_err * (1 - 1e-9):  # the start itself (up to coordinate round-off) keeps its exact times
         t_best, best_err = base_t, base_err
     return OptimizedGrid(t_best, cal.final, cal.solver, cal.nfe_used, "evolution", best_err, base_t, base_err,
-                         cal.options, history, cal.evaluations)
-
-
-def mutate(free: np.ndarray, rng: np.random.Generator, scale: float, clean: bool) -> np.ndarray:
-    """Move 1-2 free positions by N(0, scale * local gap)."""
-    f = free.copy()
-    if f.size == 0:
-        return f
-    ext = np.concatenate([[0.0], f, [1.0]])
-    k = 1 if f.size == 1 or rng.random() < 0.6 else 2
-    for i in rng.choice(f.size, size=k, replace=False):
-        local = 0.5 * (ext[i + 2] - ext[i])
-        f[i] = f[i] + rng.normal(0.0, scale) * local
-    return f
-
-
-def tournament(ranked: List[np.ndarray], rng: np.random.Generator, k: int = 3) -> np.ndarray:
-    idx = rng.integers(0, len(ranked), size=min(k, len(ranked)))
-    return ranked[int(idx.min())]
+                         cal.options, res.history, cal.evaluations)

@@ -45,13 +45,15 @@ import torch
 
 from ..adapters import identity
 from ..adapters.denoiser import Model as Denoiser
-from ..grids import explicit, from_unit, make_grid, to_unit, validate_times
-from ..reference import GaussianMixture, exact_targets
+from ..evaluation.teacher import TeacherSpec, make_teacher
+from ..grids import explicit, from_unit, make_grid, validate_times
+from ..reference import GaussianMixture
 from ..sampling import sample
 from ..solvers import get_solver
 from ..solvers.dpm_v3_stats import Statistics
 from ..util import seeding
-from .grid_search import mutate, steps_for_nfe, tournament
+from .evolution import evolve_points, free_points, grid_times
+from .grid_search import steps_for_nfe
 from .profile import DT, Entry, PathLike, Profile, fmt
 from .statistics import compute_statistics
 
@@ -96,76 +98,15 @@ def _compact_seeds(seeds: Sequence[int]) -> Any:
     return s
 
 
-@dataclass
-class Teacher:
-    """Where the calibration and evaluation targets come from: a high-NFE solution of the same model
-    (``solver`` with ``nfe`` evaluations on a ``spacing`` grid, to t_min; a run ending with the jump to clean
-    data is compared with the model's x0 prediction at that t_min state), or the exact probability-flow ODE of a
-    ``GaussianMixture`` reference (``exact``; its exact posterior mean for the jump)."""
-
-    solver: str = "dpm++3m"
-    nfe: int = 100
-    spacing: str = "logsnr"
-    exact: Optional[GaussianMixture] = None
-
-    def describe(self) -> Dict[str, Any]:
-        if self.exact is not None:
-            return {"kind": "exact", "what": "exact probability-flow ODE of the Gaussian-mixture reference "
-                    "(DOP853, rtol 1e-10); the jump's target is its exact posterior mean at t_min"}
-        return {"kind": "model", "solver": self.solver, "nfe": self.nfe, "spacing": self.spacing,
-                "what": f"the same model, {self.solver} with {self.nfe} NFE on a {self.spacing} grid to t_min; "
-                        "the jump's target is the model's x0 prediction at that state"}
-
-    def targets(self, den: Denoiser, noise: Tensor, batch: int, kwargs: Dict[str, Any],
-                bar=None) -> Tuple[Tensor, Tensor]:
-        """(x at t_min, clean target) for each noise sample."""
-
-        proc = den.process
-        if self.exact is not None:
-            tm, dn = [], []
-            for i in range(0, noise.shape[0], batch):
-                tg = exact_targets(self.exact, proc, noise[i:i + batch].to(DT) * proc.prior_scale)
-                tm.append(tg.at_t_min), dn.append(tg.denoised)
-                if bar is not None:
-                    bar.update(min(batch, noise.shape[0] - i))
-            return torch.cat(tm), torch.cat(dn)
-        xs, x0s = [], []
-        for i in range(0, noise.shape[0], batch):
-            x = sample(den, noise[i:i + batch], self.solver, nfe=self.nfe, spacing=self.spacing, final="t_min",
-                       model_kwargs=kwargs).to(DT)
-            with torch.no_grad():
-                x0 = den.predict(x, proc.t_min, **kwargs)[0].to(DT)
-            xs.append(x), x0s.append(x0)
-            if bar is not None:
-                bar.update(x.shape[0])
-        return torch.cat(xs), torch.cat(x0s)
-
-
-def parse_teacher(teacher: Union[str, Teacher, GaussianMixture, None],
-                  reference: Optional[GaussianMixture] = None) -> Teacher:
-    """'dpm++3m:100' (solver:nfe), 'exact' (needs ``reference``), a ``GaussianMixture`` or a ``Teacher``."""
-    if teacher is None or teacher == "auto":
-        return Teacher()
-    if isinstance(teacher, Teacher):
-        return teacher
-    if isinstance(teacher, GaussianMixture):
-        return Teacher(exact=teacher)
-    if isinstance(teacher, str):
-        if teacher == "exact":
-            if reference is None:
-                raise ValueError("teacher='exact' needs the GaussianMixture reference (reference=...)")
-            return Teacher(exact=reference)
-        name, _, n = teacher.partition(":")
-        get_solver(name)
-        return Teacher(solver=name, nfe=int(n) if n else 100)
-    raise TypeError(f"teacher must be 'solver:nfe', 'exact', a GaussianMixture or a Teacher, got {teacher!r}")
-
-
 class _Set:
     """Noise with its teacher targets; ``err(x, final)`` -> per-sample mean squared error."""
 
     def __init__(self, noise: Tensor, at_t_min: Tensor, denoised: Tensor):
         self.noise, self.tmin, self.den = noise, at_t_min, denoised
+
+    @classmethod
+    def of(cls, noise: Tensor, targets: Any) -> "_Set":
+        return cls(noise, targets.at_t_min, targets.denoised)
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -420,26 +361,6 @@ def _diverse(ranked: List[Tuple[float, Candidate]], k: int, exclude: set) -> Lis
     return out
 
 
-def _u_free(process, c: Candidate) -> np.ndarray:
-    u = to_unit(process, c.t).numpy()
-    return u[1:] if c.final == "denoise" else u[1:-1]
-
-
-def _t_of_free(process, free: np.ndarray, final: str) -> Tensor:
-    u = np.concatenate([[0.0], free] + ([] if final == "denoise" else [[1.0]]))
-    return from_unit(process, torch.from_numpy(u), fix_last=True)
-
-
-def _repair(free: np.ndarray, final: str, gap: float = 1e-3) -> Optional[np.ndarray]:
-    hi = 1.0 if final == "denoise" else 1.0 - gap
-    f = np.sort(np.clip(free, gap, hi))
-    for i in range(1, f.size):
-        f[i] = max(f[i], f[i - 1] + gap)
-    if f.size and f[-1] > hi + 1e-12:
-        return None
-    return f
-
-
 def _option_variants(solver: str) -> List[Dict[str, Any]]:
     if solver == "dpm-v3":
         return [{"predictor_pseudo": p, "corrector": c} for p in (False, True) for c in (True, False)]
@@ -451,8 +372,7 @@ def _option_variants(solver: str) -> List[Dict[str, Any]]:
 def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto", *,
          calib_seeds: Union[int, Sequence[int], None] = None, eval_seeds: Union[int, Sequence[int], None] = None,
          data: Any = None, stats: Optional[Statistics] = None, shape: Optional[Sequence[int]] = None,
-         teacher: Union[str, Teacher, GaussianMixture, None] = "auto",
-         eval_teacher: Union[str, Teacher, GaussianMixture, None] = None,
+         teacher: TeacherSpec = "auto", eval_teacher: TeacherSpec = None,
          time_budget_s: float = 270.0, out: Optional[PathLike] = None, metric: str = "rmse",
          solvers: Optional[Sequence[str]] = None, stats_K: Optional[int] = None,
          stats_n_lambda: Optional[int] = None, batch_size: Optional[int] = None,
@@ -507,8 +427,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         if shape is None:
             raise ValueError("tune needs the data shape: pass shape= (or data, or set den.sample_shape)")
     shape = tuple(int(s) for s in shape)
-    teach = parse_teacher(teacher, ref)
-    eteach = teach if eval_teacher is None else parse_teacher(eval_teacher, ref)
+    teach = make_teacher(teacher, den, ref)
+    eteach = teach if eval_teacher is None else make_teacher(eval_teacher, den, ref)
     old_nfe = getattr(den, "nfe", None)
 
     from tqdm.auto import tqdm
@@ -527,7 +447,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
 
     # 2. sizes from the budget
     B = float(time_budget_s)
-    t_nfe = teach.nfe if teach.exact is None else 60  # the exact ODE: roughly 60 evaluations' worth
+    t_nfe = teach.cost_nfe
     if eval_seeds is None:  # 256, or 128 when the teacher's targets for 256 would take over 10% of the budget
         eval_seeds = 256 if 256 * t_nfe * tau <= 0.1 * B else 128
     eval_list = _seed_list(eval_seeds, 0, 256)
@@ -591,8 +511,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     t0 = time.perf_counter()
     b = bar(len(cal_list) + len(eval_list), "teacher targets", "sample")
     with torch.no_grad():
-        cal = _Set(cal_noise, *teach.targets(den, cal_noise, batch, kwargs, b))
-        ev = _Set(ev_noise, *eteach.targets(den, ev_noise, batch, kwargs, b))
+        cal = _Set.of(cal_noise, teach.targets(cal_noise, kwargs, batch, b.update))
+        ev = _Set.of(ev_noise, eteach.targets(ev_noise, kwargs, batch, b.update))
     b.close()
     t_teacher = time.perf_counter() - t0
     say(f"teacher targets for {len(cal)} calibration + {len(ev)} evaluation samples in {t_teacher:.1f} s")
@@ -906,43 +826,21 @@ def _parse_family(label: str) -> Tuple[float, float]:
 
 def _evolve(S: _Search, start: Candidate, proc, stop: Callable[[], bool], obj: str, rng: np.random.Generator,
             population: int = 10, elite: int = 2, mutation: float = 0.3, patience: int = 6) -> None:
-    """(elite + offspring) evolution over the free log-SNR positions of ``start``'s grid (the moves of
-    ``schedules.evolve``: uniform crossover, Gaussian moves of 1-2 points scaled by the local gap), scored by
-    ``S`` on objective ``obj``, until ``stop()``."""
-    final = start.final
-    base = _u_free(proc, start)
-    if base.size == 0:
-        return
+    """Evolutionary polish (``evolution.evolve_points``, annealed mutation) of the free log-SNR positions of
+    ``start``'s grid, seeded with the good candidates of the same solver, last step and options, scored by ``S``
+    on objective ``obj`` (every child lands in ``S``'s rankings), until ``stop()``."""
+    clean = start.final == "denoise"
     label = start.label.split(" +evolve")[0] + " +evolve"
-    pop = [(S.score(start, obj), base)]
-    for v, c in S.ranked(obj)[:12]:  # more parents: good candidates of the same solver, last step and options
-        if c.solver == start.solver and c.final == final and c.options == start.options and c.key != start.key:
-            pop.append((v, _u_free(proc, c)))
-    stale, best, gen = 0, min(p[0] for p in pop), 0
-    while not stop():
-        ranked = sorted(pop, key=lambda p: p[0])
-        parents = [p[1] for p in ranked]
-        nxt = ranked[:elite]
-        while len(nxt) < population and not stop():
-            pa = tournament(parents, rng)
-            child = pa.copy()
-            if rng.random() < 0.5 and len(parents) > 1:
-                pb = tournament(parents, rng)
-                child = np.where(rng.random(child.size) < 0.5, pa, pb)
-            child = _repair(mutate(child, rng, mutation, final == "denoise"), final)
-            if child is None:
-                continue
-            c = start.with_(t=_t_of_free(proc, child, final), label=label)
-            nxt.append((S.score(c, obj), child))
-        pop = nxt
-        gen += 1
-        cur = min(p[0] for p in pop)
-        if cur < best * (1 - 1e-6):
-            best, stale = cur, 0
-        else:
-            stale += 1
-            if stale >= patience:
-                mutation = max(0.05, mutation / 2)
-                stale = 0
-                if mutation <= 0.05 + 1e-12 and gen > 4 * patience:
-                    break
+    starts, scores = [free_points(proc, start.t, clean)], [S.score(start, obj)]
+    if starts[0].size == 0:
+        return
+    for v, c in S.ranked(obj)[:12]:
+        if c.solver == start.solver and c.final == start.final and c.options == start.options and c.key != start.key:
+            starts.append(free_points(proc, c.t, clean))
+            scores.append(v)
+
+    def fitness(free: np.ndarray) -> float:
+        return S.score(start.with_(t=grid_times(proc, free, clean), label=label), obj)
+
+    evolve_points(fitness, starts, clean, rng, population=population, elite=elite, mutation=mutation,
+                  patience=patience, stop=stop, fill=False, anneal=True, scores=scores)

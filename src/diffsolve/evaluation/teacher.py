@@ -1,0 +1,209 @@
+"""The one teacher: where the "right answer" for a sampler run comes from.
+
+A sampler that starts from noise ``z`` (standard normal, mapped to the prior by ``process.prior_from_noise``)
+and follows the probability-flow ODE has one correct result for every place it can stop: the ODE state at
+time t, and, for a run that ends with the jump to clean data, the posterior mean E[x0 | x_{t_min}] at the
+t_min state.  Two teachers give it:
+
+* ``ExactTeacher``: the exact Gaussian-mixture reference -- the ODE solved adaptively (DOP853, ``rtol``) and
+  its closed-form posterior mean; it also knows the exact log-density of data and of every marginal.
+* ``ModelTeacher``: any model -- a high-NFE solution of the *same* model (``solver`` with ``nfe`` evaluations on
+  a ``spacing`` grid), and the model's own x0 prediction at t_min for the jump.
+
+The tuner (calibration and evaluation targets), the bench (scoring every run), the CLI (``sample --exact``,
+``compare``) and the grid searches read their targets from here.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import torch
+
+from ..adapters.denoiser import Model
+from ..grids import explicit
+from ..processes import NoiseProcess
+from ..reference import ExactTargets, GaussianMixture, exact_targets
+from ..sampling import sample
+from ..solvers import get_solver
+
+Tensor = torch.Tensor
+DT = torch.float64
+Progress = Optional[Callable[[int], None]]
+
+
+class Teacher(ABC):
+    """Targets for sampler runs from standard normal noise ``z`` [B, *shape]."""
+
+    exact: bool = False
+    process: NoiseProcess
+    #: the teacher's cost in network-evaluation equivalents per sample (sizes the tuner's budget)
+    cost_nfe: int = 100
+
+    @abstractmethod
+    def targets(self, noise: Tensor, kwargs: Optional[Mapping[str, Any]] = None, batch: Optional[int] = None,
+                progress: Progress = None) -> ExactTargets:
+        """The ODE state at t_min and the clean target of the jump, for each noise sample (float64)."""
+
+    @abstractmethod
+    def state_at(self, noise: Tensor, t: float, kwargs: Optional[Mapping[str, Any]] = None) -> Tensor:
+        """The ODE state at process time ``t`` (t_min <= t <= t_max) started from ``noise`` at t_max."""
+
+    @abstractmethod
+    def describe(self) -> Dict[str, Any]:
+        """What the targets are, for the records of a profile or a report."""
+
+    @abstractmethod
+    def error_bar(self, noise: Tensor, at_t_min: Optional[Tensor] = None) -> float:
+        """max |difference| of the t_min targets (``at_t_min`` when already computed) to a cheaper solve of the
+        same teacher: their accuracy."""
+
+
+class ExactTeacher(Teacher):
+    """The exact probability-flow ODE of a ``GaussianMixture`` (adaptive DOP853, ``rtol``) and its exact posterior
+    mean for the jump.  ``threads``: torch threads during the solve (its right-hand side is many small ops, so one
+    thread is fastest; None leaves the setting)."""
+
+    exact = True
+    cost_nfe = 60
+
+    def __init__(self, reference: GaussianMixture, process: NoiseProcess, rtol: float = 1e-10,
+                 threads: Optional[int] = 1):
+        self.reference, self.process, self.rtol, self.threads = reference, process, float(rtol), threads
+
+    def _solve(self, fn: Callable[[], Any]) -> Any:
+        if self.threads is None:
+            return fn()
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    def targets(self, noise, kwargs=None, batch=None, progress=None) -> ExactTargets:
+        p = self.process
+        n = noise.shape[0]
+        step = batch or n
+        parts = []
+        for i in range(0, n, step):
+            z = noise[i:i + step].to(DT)
+            parts.append(self._solve(lambda: exact_targets(self.reference, p, p.prior_from_noise(z), rtol=self.rtol)))
+            if progress is not None:
+                progress(z.shape[0])
+        return ExactTargets(p.t_min, torch.cat([q.at_t_min for q in parts]), torch.cat([q.denoised for q in parts]))
+
+    def state_at(self, noise, t, kwargs=None) -> Tensor:
+        p = self.process
+        x_T = p.prior_from_noise(noise.to(DT))
+        return self._solve(lambda: self.reference.ode_solution(p, x_T, p.t_max, float(t), self.rtol))
+
+    def beyond_t_min(self, at_t_min: Tensor, sigma_end: float) -> Tensor:
+        """The ODE continued from the t_min state down to sigma/alpha = ``sigma_end`` (returned in the VE view,
+        x / alpha): the target of samplers that integrate to sigma = 0 instead of jumping."""
+        tm = torch.tensor(self.process.t_min, dtype=DT)
+        a, s = float(self.process.alpha(tm)), float(self.process.sigma_ve(tm))
+        return self._solve(lambda: self.reference.ode_solve_ve(at_t_min / a, s, sigma_end, self.rtol))
+
+    def log_prob(self, x: Tensor, t: Optional[float] = None) -> Tensor:
+        """Exact log-density of ``x``: under the data mixture (``t`` None) or the marginal at process time t."""
+        if t is None:
+            return self.reference.log_prob(x)
+        tt = torch.tensor(float(t), dtype=DT)
+        a, s = float(self.process.alpha(tt)), float(self.process.sigma_ve(tt))
+        return self.reference.log_prob_ve(x / a, s)
+
+    def loglik_gap(self, x: Tensor, target: Tensor, t: Optional[float] = None) -> Tensor:
+        """Per sample [log p(target) - log p(x)] / dim (data density, or the marginal at ``t``): how much less
+        likely the samples are than the exact answers from the same noise."""
+        d = x[0].numel()
+        return (self.log_prob(target, t) - self.log_prob(x, t)) / d
+
+    def error_bar(self, noise, at_t_min=None) -> float:
+        p = self.process
+        x_T = p.prior_from_noise(noise.to(DT))
+        _, err = self._solve(lambda: self.reference.ode_solution(p, x_T, p.t_max, p.t_min, rtol=self.rtol,
+                                                                 check=True))
+        return float(err)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": "exact", "what": f"exact probability-flow ODE of the Gaussian-mixture reference (DOP853, "
+                f"rtol {self.rtol:g}); the jump's target is its exact posterior mean at t_min"}
+
+
+class ModelTeacher(Teacher):
+    """A high-NFE solution of the same model: ``solver`` with ``nfe`` evaluations on a ``spacing`` grid to t_min;
+    the jump's target is the model's x0 prediction at that state."""
+
+    def __init__(self, model: Model, solver: str = "dpm++3m", nfe: int = 100, spacing: str = "logsnr"):
+        if int(nfe) < 2:
+            raise ValueError(f"a teacher needs at least 2 NFE, got {nfe}")
+        self.model, self.solver, self.nfe, self.spacing = model, get_solver(solver).name, int(nfe), spacing
+        self.process = model.process
+        self.cost_nfe = self.nfe
+
+    def _run(self, noise: Tensor, nfe: int, kwargs: Mapping[str, Any]) -> Tensor:
+        return sample(self.model, noise, self.solver, nfe=nfe, spacing=self.spacing, final="t_min",
+                      model_kwargs=dict(kwargs)).to(DT)
+
+    def targets(self, noise, kwargs=None, batch=None, progress=None) -> ExactTargets:
+        kw = dict(kwargs or {})
+        t_min = self.process.t_min
+        n = noise.shape[0]
+        step = batch or n
+        xs, x0s = [], []
+        for i in range(0, n, step):
+            x = self._run(noise[i:i + step], self.nfe, kw)
+            with torch.no_grad():
+                x0s.append(self.model.evaluate(x, t_min, kw).x0.to(DT))
+            xs.append(x)
+            if progress is not None:
+                progress(x.shape[0])
+        return ExactTargets(t_min, torch.cat(xs), torch.cat(x0s))
+
+    def state_at(self, noise, t, kwargs=None) -> Tensor:
+        """``solver`` on ``nfe`` steps evenly spaced in log-SNR from t_max to ``t``."""
+        p = self.process
+        lo, hi = p.lam(torch.tensor(p.t_max, dtype=DT)), p.lam(torch.tensor(float(t), dtype=DT))
+        ts = p.t_of_lam(torch.linspace(float(lo), float(hi), self.nfe + 1, dtype=DT))
+        ts[0], ts[-1] = p.t_max, float(t)
+        return sample(self.model, noise, self.solver, grid=explicit(p, t=ts, final="t_min"), nfe=None,
+                      model_kwargs=dict(kwargs or {})).to(DT)
+
+    def error_bar(self, noise, at_t_min=None) -> float:
+        full = self._run(noise, self.nfe, {}) if at_t_min is None else at_t_min
+        half = self._run(noise, max(2, self.nfe // 2), {})
+        return float((half - full).abs().max())
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": "model", "solver": self.solver, "nfe": self.nfe, "spacing": self.spacing,
+                "what": f"the same model, {self.solver} with {self.nfe} NFE on a {self.spacing} grid to t_min; "
+                        "the jump's target is the model's x0 prediction at that state"}
+
+
+TeacherSpec = Union[str, Teacher, GaussianMixture, None]
+
+
+def make_teacher(spec: TeacherSpec, model: Model, reference: Optional[GaussianMixture] = None,
+                 nfe: int = 100) -> Teacher:
+    """A teacher from a spec: None/'auto' (``ModelTeacher`` with dpm++3m and ``nfe``), 'solver:nfe', 'exact'
+    (needs ``reference``), a ``GaussianMixture`` (exact) or a ``Teacher`` (returned as is)."""
+    if spec is None or spec == "auto":
+        return ModelTeacher(model, nfe=nfe)
+    if isinstance(spec, Teacher):
+        return spec
+    if isinstance(spec, GaussianMixture):
+        return ExactTeacher(spec, model.process)
+    if isinstance(spec, str):
+        if spec == "exact":
+            if reference is None:
+                raise ValueError("teacher='exact' needs the GaussianMixture reference (reference=...)")
+            return ExactTeacher(reference, model.process)
+        name, _, n = spec.partition(":")
+        try:
+            k = int(n) if n else nfe
+        except ValueError:
+            raise ValueError(f"teacher {spec!r}: the NFE after ':' must be an integer") from None
+        return ModelTeacher(model, name, k)
+    raise TypeError(f"teacher must be 'solver:nfe', 'exact', a GaussianMixture or a Teacher, got {spec!r}")
+
