@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -57,8 +57,9 @@ class TimeGrid:
         return cls(t, a, s, lam, clean_end)
 
 
-def explicit(process: NoiseProcess, t: Optional[Sequence[float]] = None, sigmas: Optional[Sequence[float]] = None,
-             lambdas: Optional[Sequence[float]] = None, final: str = "denoise") -> TimeGrid:
+def explicit(process: NoiseProcess, t: Union[Tensor, Sequence[float], None] = None,
+             sigmas: Union[Tensor, Sequence[float], None] = None, lambdas: Union[Tensor, Sequence[float], None] = None,
+             final: str = "denoise") -> TimeGrid:
     """A grid from explicit values of exactly one of t, sigma (= sigma/alpha) or lambda.
 
     A trailing 0 in ``sigmas`` (or +inf in ``lambdas``) means "jump to clean data";

@@ -32,5 +32,7 @@ def gaussian_statistics(mean: Tensor, cov: Tensor, lam: Tensor) -> Tuple[Tensor,
         cv = torch.diagonal(Mp @ Q @ M.T)
         s = torch.where(var > 1e-300, cv / var.clamp_min(1e-300), torch.zeros_like(var))
         b = -lp * mean + s * l * mean
-        ls.append(l), ss.append(s), bs.append(b)
+        ls.append(l)
+        ss.append(s)
+        bs.append(b)
     return torch.stack(ls), torch.stack(ss), torch.stack(bs)

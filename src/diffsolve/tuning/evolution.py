@@ -32,7 +32,8 @@ def free_points(process: NoiseProcess, t: Tensor, clean_end: bool) -> np.ndarray
 
 def grid_times(process: NoiseProcess, free: np.ndarray, clean_end: bool) -> Tensor:
     """Inverse of ``free_points``: the grid's times (t_max first; t_min last unless the grid ends clean)."""
-    u = np.concatenate([[0.0], free] + ([] if clean_end else [[1.0]]))
+    parts = [np.zeros(1), np.asarray(free, dtype=float)] + ([] if clean_end else [np.ones(1)])
+    u = np.concatenate(parts)
     return from_unit(process, torch.from_numpy(u), fix_last=True)
 
 
