@@ -2,6 +2,7 @@
 
     import diffsolve as ds
     res = ds.bench(out="bench-out", quick=True)      # Python
+    res = ds.bench(BenchConfig(quick=True), out="bench-out")   # the same, from a typed config
     python -m diffsolve.bench --out docs             # command line (docs/benchmarks.md)
 
 Modules: ``peers`` (diffusers / k-diffusion drivers), ``harness`` (one run = one configuration, NFE
@@ -11,9 +12,9 @@ The peers are an optional extra (``pip install 'diffsolve[bench]'`` and ``pip in
 import sys
 import types
 
-from .api import BenchResult, bench, build_parser, main
+from .api import BenchConfig, BenchResult, bench, build_parser, main
 
-__all__ = ["bench", "main", "build_parser", "BenchResult"]
+__all__ = ["bench", "main", "build_parser", "BenchConfig", "BenchResult"]
 
 
 class _CallableModule(types.ModuleType):

@@ -3,18 +3,23 @@ same frozen model, from the same noise, scored against the exact answer for wher
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
+import numbers
 import os
 import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..grids import FINALS as _GRID_FINALS
+from ..grids import SPACINGS as _GRID_SPACINGS
 from . import harness as H
 from . import library as ds
 from . import peers as P
@@ -26,6 +31,9 @@ NFES = (5, 6, 8, 10, 15, 20)
 TARGET_NFES = (5, 6, 8, 10, 15, 20)
 DEFAULT_BATCH = {64: 256, 3072: 256}  # 256: a batch RMSE that a single sample switching mode moves little
 QUICK_SOLVERS = ("ddim", "dpm++2m", "dpm++3m", "unipc-bh2")
+QUICK_OVERHEAD_ALGORITHMS = ("ddim", "dpm++2m")
+PEER_LIBRARIES = ("diffusers", "k-diffusion")
+WRITE_FORMATS = ("md", "csv", "json", "png")
 
 
 @dataclass
@@ -134,204 +142,496 @@ def load_checkpoint(path: str):
     return loader(path)
 
 
-def bench(out: Optional[str] = None, dims: Sequence[int] = (64, 3072), nfes: Sequence[int] = NFES,
-          batch: Optional[Union[int, Sequence[int]]] = None, model: Any = None, checkpoint: Optional[str] = None,
-          shape: Optional[Sequence[int]] = None, solvers: Optional[Sequence[str]] = None,
-          spacings: Sequence[str] = SPACINGS, finals: Sequence[str] = FINALS, stochastic: bool = False,
-          peers: bool = True, libraries: Optional[Sequence[str]] = None, peer_dtype: torch.dtype = torch.float32,
-          parity: bool = True, parity_steps: Sequence[int] = (5, 10, 20), overhead: bool = True,
-          overhead_dim: int = 3072, overhead_batch: int = 128, overhead_nfe: int = 20, overhead_repeats: int = 7,
-          overhead_algorithms: Optional[Sequence[str]] = None,
-          quick: bool = False, seed: int = 0, threads: Optional[int] = 1, progress: bool = True,
-          ref_nfe: int = 200, command: Optional[str] = None, write: Sequence[str] = ("md", "csv", "json", "png"),
-          name: str = "benchmarks", profiles: Sequence[Any] = ()) -> BenchResult:
+# ----------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark runs: the problems, our configurations, the peers, the parity and overhead checks,
+    how it runs and what it writes.  ``bench(config)`` runs it; ``bench(**fields)`` builds one.
+
+    Bad values raise ``ValueError`` when the config is built (``validate``).  ``quick=True`` replaces some
+    fields by a run under a minute (dim 64, batch 32, NFE 5 and 10, a few solvers and peers): ``resolved()``
+    is the config that actually runs.  A ``model`` or ``checkpoint`` replaces ``dims``: its reference is a
+    high-NFE (``ref_nfe``) solution of the same model.  Each tuned profile in ``profiles`` (``ds.tune``) runs,
+    as family ``tuned profile``, at its NFE budgets on every problem whose model it belongs to (checked by its
+    fingerprint; a profile that matches no problem is reported under ``skipped``).
+    """
+
+    # problems
+    dims: Sequence[int] = (64, 3072)  # exact Gaussian-mixture sizes (GaussianMixture.random(dim, seed=0), DDPM linear)
+    nfes: Sequence[int] = NFES  # NFE budgets
+    batch: Optional[Union[int, Sequence[int]]] = None  # one batch size for all problems or one per dim (None: 256)
+    model: Any = None  # a ds.Denoiser, a 'module:function' factory returning one, a checkpoint folder or name
+    checkpoint: Optional[str] = None  # a model checkpoint path for ds.load
+    shape: Optional[Sequence[int]] = None  # the model's data shape when it has no sample_shape
+    ref_nfe: int = 200  # NFE of the reference solution of a model that has no exact answer
+    # our configurations
+    solvers: Optional[Sequence[str]] = None  # our solvers (None: every deterministic one a benchmark can run)
+    spacings: Sequence[Any] = SPACINGS  # time-step spacings (names, or callables (process, n) -> times)
+    finals: Sequence[str] = FINALS  # how each run ends: 'denoise' (jump to clean data) and/or 't_min'
+    stochastic: bool = False  # also our stochastic solvers when solvers is None (likelihood metric only)
+    profiles: Sequence[Any] = ()  # tuned profiles (paths or Profile objects) run on the models they belong to
+    # peers
+    peers: bool = True  # run diffusers and k-diffusion (each skipped with a warning when missing)
+    libraries: Optional[Sequence[str]] = None  # a subset of the peer libraries (None: both)
+    peer_dtype: torch.dtype = torch.float32  # the peers' state dtype (float32, as pipelines run)
+    # parity
+    parity: bool = True  # the matched-pairs check (ours vs a peer, same algorithm) on the smallest problem
+    parity_steps: Sequence[int] = (5, 10, 20)  # step counts of the matched pairs
+    # overhead
+    overhead: bool = True  # measure solver overhead per NFE (cheap exact network, one thread)
+    overhead_dim: int = 3072  # data size of the overhead measurement
+    overhead_batch: int = 128  # batch of the overhead measurement
+    overhead_nfe: int = 20  # NFE of each overhead run
+    overhead_repeats: int = 7  # round-robin rounds (the median is reported)
+    overhead_algorithms: Optional[Sequence[str]] = None  # algorithms or solver names (None: all we share with a peer)
+    # run
+    quick: bool = False  # a run under a minute: replaces the sizes, NFEs and subsets (see resolved())
+    seed: int = 0  # noise seed
+    threads: Optional[int] = 1  # torch threads during the run (1: tiny tensors on a shared machine; None: leave it)
+    progress: bool = True  # show a progress bar
+    command: Optional[str] = None  # the command line recorded in the report (None: 'ds.bench(...)')
+    # output
+    out: Optional[str] = None  # output folder (None: write nothing)
+    write: Sequence[str] = WRITE_FORMATS  # formats to write: md, csv, json, png
+    name: str = "benchmarks"  # basename of the output files
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on a bad value (checked on the values that run, after ``quick``)."""
+        _checked(self._effective())
+
+    def resolved(self) -> "BenchConfig":
+        """The config that runs: ``quick`` applied, NFE budgets sorted, name lists as tuples."""
+        return BenchConfig(**_checked(self._effective()))
+
+    def _effective(self) -> Dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.quick:
+            values.update(
+                dims=(64,), nfes=(5, 10), batch=self.batch or 32, solvers=self.solvers or QUICK_SOLVERS,
+                spacings=("logsnr", "karras"), parity_steps=(5,),
+                overhead_dim=64, overhead_batch=32, overhead_repeats=2, overhead_nfe=10,
+                overhead_algorithms=self.overhead_algorithms or tuple(
+                    a for a in H.OVERHEAD_ALGORITHMS if a in QUICK_OVERHEAD_ALGORITHMS))
+        return values
+
+
+_FIELDS = tuple(f.name for f in fields(BenchConfig))
+
+
+def _checked(v: Dict[str, Any]) -> Dict[str, Any]:
+    """The field values ``v``, checked (``ValueError`` naming the field) and normalised."""
+    v = dict(v)
+    has_model = v["model"] is not None or v["checkpoint"] is not None
+    # problems
+    v["dims"] = _int_tuple("dims", v["dims"])
+    if not v["dims"] and not has_model:
+        raise ValueError("dims is empty: give at least one problem size (or a model or checkpoint)")
+    v["nfes"] = tuple(sorted(_int_tuple("nfes", v["nfes"], lenient=True)))
+    if not v["nfes"]:
+        raise ValueError("nfes is empty: give at least one NFE budget")
+    b = v["batch"]
+    if b is not None:
+        if isinstance(b, numbers.Integral) and not isinstance(b, bool):
+            v["batch"] = _positive("batch", b)
+        else:
+            v["batch"] = _int_tuple("batch", b, what="an integer or a sequence of integers")
+            if not has_model and len(v["batch"]) not in (1, len(v["dims"])):
+                raise ValueError(f"batch needs one value or one per dim: {len(v['batch'])} values for "
+                                 f"{len(v['dims'])} dims")
+    if v["checkpoint"] is not None and not isinstance(v["checkpoint"], (str, os.PathLike)):
+        raise ValueError(f"checkpoint must be a path, got {type(v['checkpoint']).__name__}")
+    if v["shape"] is not None:
+        v["shape"] = _int_tuple("shape", v["shape"])
+    v["ref_nfe"] = _positive("ref_nfe", v["ref_nfe"])
+    # our configurations
+    if v["solvers"] is not None:
+        v["solvers"] = _names("solvers", v["solvers"])
+        for s in v["solvers"]:
+            _solver("solvers", s)
+    v["spacings"] = _names("spacings", v["spacings"])
+    for s in v["spacings"]:
+        if not callable(s) and s not in _GRID_SPACINGS:
+            raise ValueError(f"unknown spacing {s!r} in spacings; known: {', '.join(_GRID_SPACINGS)}")
+    v["finals"] = _names("finals", v["finals"])
+    for f in v["finals"]:
+        if f not in _GRID_FINALS:
+            raise ValueError(f"unknown final {f!r} in finals; known: {', '.join(_GRID_FINALS)}")
+    p = v["profiles"]
+    if isinstance(p, (str, os.PathLike)):
+        v["profiles"] = (p,)
+    elif isinstance(p, Iterable):
+        v["profiles"] = tuple(p)
+    else:
+        raise ValueError(f"profiles must be a sequence of profile paths or Profile objects, got {p!r}")
+    # peers
+    if v["libraries"] is not None:
+        v["libraries"] = _names("libraries", v["libraries"])
+        for lib in v["libraries"]:
+            if lib not in PEER_LIBRARIES:
+                raise ValueError(f"unknown peer library {lib!r} in libraries; known: {', '.join(PEER_LIBRARIES)}")
+    if not isinstance(v["peer_dtype"], torch.dtype) or not v["peer_dtype"].is_floating_point:
+        raise ValueError(f"peer_dtype must be a floating torch dtype (torch.float32, torch.float64), "
+                         f"got {v['peer_dtype']!r}")
+    # parity
+    v["parity_steps"] = _int_tuple("parity_steps", v["parity_steps"])
+    # overhead
+    for k in ("overhead_dim", "overhead_batch", "overhead_nfe", "overhead_repeats"):
+        v[k] = _positive(k, v[k])
+    if v["overhead_algorithms"] is not None:
+        v["overhead_algorithms"] = _names("overhead_algorithms", v["overhead_algorithms"])
+        for a in v["overhead_algorithms"]:
+            if a not in H.OVERHEAD_ALGORITHMS:
+                _solver("overhead_algorithms", a)
+    # run
+    if not isinstance(v["seed"], numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {v['seed']!r}")
+    if v["threads"] is not None:
+        if not isinstance(v["threads"], numbers.Integral) or v["threads"] < 0:
+            raise ValueError(f"threads must be a positive integer, 0 or None (leave torch's setting), "
+                             f"got {v['threads']!r}")
+    if v["command"] is not None and not isinstance(v["command"], str):
+        raise ValueError(f"command must be a string, got {v['command']!r}")
+    # output
+    if v["out"] is not None and not isinstance(v["out"], (str, os.PathLike)):
+        raise ValueError(f"out must be a folder path or None, got {v['out']!r}")
+    v["write"] = _names("write", v["write"])
+    for w in v["write"]:
+        if w not in WRITE_FORMATS:
+            raise ValueError(f"unknown format {w!r} in write; known: {', '.join(WRITE_FORMATS)}")
+    if not isinstance(v["name"], str) or not v["name"]:
+        raise ValueError(f"name must be a non-empty string, got {v['name']!r}")
+    return v
+
+
+def _names(field_name: str, value) -> tuple:
+    """A sequence of names; a string is one name or a comma-separated list."""
+    if isinstance(value, str):
+        return tuple(s.strip() for s in value.split(",") if s.strip())
+    if not isinstance(value, Iterable):
+        raise ValueError(f"{field_name} must be a sequence of names, got {value!r}")
+    return tuple(value)
+
+
+def _int_tuple(field_name: str, value, lenient: bool = False, what: str = "a sequence of integers") -> tuple:
+    """Positive integers; ``lenient``: anything ``int()`` takes (as NFE budgets always have been read)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{field_name} must be {what}, got {value!r}")
+    out = []
+    for x in value:
+        if lenient:
+            try:
+                x = int(x)
+            except (TypeError, ValueError):
+                raise ValueError(f"{field_name}: {x!r} is not an integer") from None
+        out.append(_positive(field_name, x))
+    return tuple(out)
+
+
+def _positive(field_name: str, x) -> int:
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+        raise ValueError(f"{field_name}: {x!r} is not an integer")
+    if x <= 0:
+        raise ValueError(f"{field_name} must be positive, got {x}")
+    return int(x)
+
+
+def _solver(field_name: str, name) -> None:
+    try:
+        ds.get_solver(name)
+    except ValueError as e:
+        raise ValueError(f"{field_name}: {e}") from None
+
+
+def _config(config: Union[BenchConfig, str, "os.PathLike[str]", None], overrides: Dict[str, Any]) -> BenchConfig:
+    """``bench``'s arguments as one config: a BenchConfig (or, as before, the output folder) and keywords."""
+    if config is not None and not isinstance(config, BenchConfig):
+        if not isinstance(config, (str, os.PathLike)):
+            raise TypeError(f"bench() takes a BenchConfig or an output folder, got {type(config).__name__}")
+        if "out" in overrides:
+            raise TypeError("bench() got multiple values for argument 'out'")
+        config, overrides = None, {"out": config, **overrides}
+    for k in overrides:
+        if k not in _FIELDS:
+            raise TypeError(f"bench() got an unexpected keyword argument {k!r}")
+    return replace(config, **overrides) if config is not None else BenchConfig(**overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# the run, phase by phase
+# ----------------------------------------------------------------------------------------
+def bench(config: Union[BenchConfig, str, "os.PathLike[str]", None] = None, **overrides: Any) -> BenchResult:
     """Run ours and the peers' samplers on the same frozen model and noise; score every run against the
     exact answer for where it stopped; optionally write ``{out}/{name}.md|csv|json|png``.
 
-    Args:
-        out: output folder (None: write nothing).
-        dims: sizes of the exact Gaussian-mixture references (``GaussianMixture.random(dim, seed=0)``, DDPM
-            linear, 1000 steps); ignored when ``model``/``checkpoint`` is given.
-        nfes: NFE budgets.  batch: one size for all problems or one per dim (default 256).
-        model: a ``ds.Denoiser`` or a 'module:function' factory returning one; its reference is a high-NFE
-            (``ref_nfe``) solution of the same model.  checkpoint: a path for ``ds.load``.
-        shape: the model's data shape when it has no ``sample_shape``.
-        solvers / spacings / finals: our configurations (default: every deterministic solver x
-            logsnr/karras/uniform/quadratic x denoise/t_min, ``lower_order_final`` automatic).
-        stochastic: also run our stochastic solvers (likelihood metric only).
-        peers: run diffusers and k-diffusion (each skipped with a warning when missing); libraries: a subset.
-        peer_dtype: the peers' state dtype (float32, as pipelines run).
-        parity: run the matched-pairs check on the smallest problem at ``parity_steps``.
-        overhead: measure solver overhead per NFE (``overhead_dim`` x ``overhead_batch``, ``overhead_nfe``) for
-            ``overhead_algorithms`` (default: every algorithm we share with a peer; any solver name works).
-        quick: a run under a minute (dim 64, batch 32, NFE 5 and 10, a few solvers and peers).
-        threads: torch threads during the run (1: tiny tensors on a shared machine); None leaves it.
-        profiles: tuned profiles (``ds.tune``; paths or ``Profile`` objects): each runs, as family
-            ``tuned profile``, at its NFE budgets on every problem whose model it belongs to (checked by its
-            fingerprint; a profile that matches no problem is reported under ``skipped``).
+    ``config``: a ``BenchConfig`` (or the output folder, ``out``); ``overrides``: any of its fields by name,
+    applied on top of it (``bench(out="docs", quick=True)``, ``bench(cfg, seed=1)``).
     """
     t_start = time.perf_counter()
-    if quick:
-        dims, nfes = (64,), (5, 10)
-        batch = batch or 32
-        solvers = solvers or QUICK_SOLVERS
-        spacings, parity_steps = ("logsnr", "karras"), (5,)
-        overhead_dim, overhead_batch, overhead_repeats, overhead_nfe = 64, 32, 2, 10
-    nfes = sorted(int(n) for n in nfes)
+    cfg = _config(config, overrides).resolved()
     skipped: Dict[str, str] = {}
+    solvers = _our_solvers(cfg, skipped)
+    with _torch_threads(cfg.threads):
+        libraries = _peer_libraries(cfg, skipped)
+        problems = _problems(cfg)
+        plan = _Plan(solvers, libraries, problems, _peer_configs(cfg, libraries, problems, skipped),
+                     _parity_pairs(cfg, libraries), _overhead_algorithms(cfg), _tuned_runs(cfg, problems, skipped))
+        bar = _progress_bar(cfg, plan)
+        with torch.inference_mode():
+            rows: List[Dict[str, Any]] = []
+            for pb in problems:
+                rows += _our_rows(cfg, plan, pb, bar)
+                rows += _profile_rows(plan, pb, bar)
+                rows += _peer_rows(cfg, plan, pb, bar)
+            parity_rows = _parity(cfg, plan, bar)
+            over_rows = _overhead(cfg, plan, bar)
+        bar.close()
+    res = BenchResult(rows, parity_rows, over_rows, [_describe(pb) for pb in problems], list(cfg.nfes),
+                      _meta(cfg, plan, skipped, t_start))
+    res.files = _write(cfg, res)
+    return res
+
+
+@dataclass
+class _Plan:
+    """What a run will do, decided before it starts."""
+
+    solvers: List[str]  # our solvers
+    libraries: List[str]  # the peer libraries that load
+    problems: List[H.Problem]
+    peer_configs: List[P.PeerConfig]
+    pairs: List[H.ParityPair]  # parity pairs
+    overhead_algorithms: List[str]  # [] without the overhead measurement
+    tuned_runs: List[Tuple[H.Problem, Any, List[int]]]  # (problem, profile, its NFE budgets)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]):
+    """torch's thread count set for the run (when ``threads``), and restored after it."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _our_solvers(cfg: BenchConfig, skipped: Dict[str, str]) -> List[str]:
+    """Our solvers; those that need inputs a benchmark cannot supply (dpm-v3's model statistics) are
+    reported under ``skipped`` and left out of the default."""
     usable = []
-    for s in ds.solvers():  # solvers that need inputs a benchmark cannot supply (dpm-v3's model statistics)
+    for s in ds.solvers():
         if getattr(s, "requires", ()):
             skipped[f"ours {s.name}"] = f"needs {', '.join(s.requires)}= (model-specific inputs)"
         else:
             usable.append(s)
+    if cfg.solvers:
+        return [ds.get_solver(s).name for s in cfg.solvers]
     det = [s.name for s in usable if not s.stochastic]
     sto = [s.name for s in usable if s.stochastic]
-    our_solvers = [ds.get_solver(s).name for s in solvers] if solvers else det + (sto if stochastic else [])
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    return det + (sto if cfg.stochastic else [])
+
+
+def _peer_libraries(cfg: BenchConfig, skipped: Dict[str, str]) -> List[str]:
+    """The peer libraries that run; a missing one is skipped with a warning."""
     libs_ok: List[str] = []
-    if peers:
-        for lib, why in P.available_libraries().items():
-            if libraries is not None and lib not in libraries:
-                continue
-            if why:
-                skipped[lib] = why
-                warnings.warn(f"diffsolve.bench: skipping {lib}: {why}", RuntimeWarning, stacklevel=2)
-            else:
-                libs_ok.append(lib)
-    try:
-        problems = _problems(dims, batch, model, checkpoint, shape, seed, ref_nfe)
-        cfgs = P.peer_configs(quick, libs_ok) if libs_ok else []
-        for pb in problems:
-            why = pb.peers_ok
-            if cfgs and why:
-                skipped[f"peers on {pb.name}"] = why
-                warnings.warn(f"diffsolve.bench: no peers on {pb.name}: {why}", RuntimeWarning, stacklevel=2)
-        n_ours = len(our_solvers) * len(spacings) * len(finals) * len(nfes)
-        n_peer = sum(len(c.tolerances) if c.adaptive else len(nfes) for c in cfgs)
-        pairs = H.parity_pairs(quick) if parity and libs_ok else []
-        pairs = [p for p in pairs if p.cfg.library in libs_ok]
-        n_par = len(pairs) * len(parity_steps)
-        n_over = 0
-        if overhead:
-            algos = list(overhead_algorithms or [a for a in H.OVERHEAD_ALGORITHMS if not quick or a in ("ddim", "dpm++2m")])
-            n_over = overhead_repeats * sum(2 + sum(1 for p in H.OVERHEAD_ALGORITHMS.get(a, ("", {}, []))[2]
-                                                    if p[0] in libs_ok) for a in algos)
-        from ..tuning import ProfileMismatch, load_profile
-        tuned_runs = []  # (problem, profile, nfes)
-        for spec in profiles:
-            prof = load_profile(spec)
-            label = prof.path or repr(prof)
-            matched, why = False, "no models"
-            for pb in problems:
-                try:
-                    prof.check(pb.den, pb.shape)
-                except ProfileMismatch as e:
-                    why = str(e)
-                    continue
-                matched = True
-                tuned_runs.append((pb, prof, [n for n in nfes if n in prof.entries]))
-            if not matched:
-                skipped[f"profile {label}"] = f"matches none of the models ({why})"
-                warnings.warn(f"diffsolve.bench: profile {label} matches none of the models", RuntimeWarning,
-                              stacklevel=2)
-        n_tuned = sum(len(ns) for _, _, ns in tuned_runs)
-        total = sum(n_ours + (n_peer if not pb.peers_ok else 0) for pb in problems) + n_par + n_over + n_tuned
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="run", desc="diffsolve bench", disable=not progress, dynamic_ncols=True)
-        rows: List[Dict[str, Any]] = []
-        with torch.inference_mode():
-            for pb in problems:
-                for s in our_solvers:
-                    for n in nfes:
-                        bar.set_postfix_str(f"{pb.name} {s} NFE {n}", refresh=False)
-                        for sp in spacings:
-                            for fi in finals:
-                                rows.append(H.run_ours(pb, s, n, sp, fi))
-                                bar.update(1)
-                for tpb, prof, ns in tuned_runs:
-                    if tpb is pb:
-                        for n in ns:
-                            bar.set_postfix_str(f"{pb.name} tuned NFE {n}", refresh=False)
-                            rows.append(H.run_profile(pb, prof, n))
-                            bar.update(1)
-                if pb.peers_ok:
-                    continue
-                for c in cfgs:
-                    bar.set_postfix_str(f"{pb.name} {c.name}", refresh=False)
-                    if c.adaptive:
-                        for tol in c.tolerances:
-                            r = H.run_peer_config(pb, c, None, peer_dtype, tolerance=tol)
-                            H.assign_budget(r, nfes)
-                            rows.append(r)
-                            bar.update(1)
-                        continue
-                    for n in nfes:
-                        rows.append(H.run_peer_config(pb, c, n, peer_dtype))
-                        bar.update(1)
-            parity_rows: List[Dict[str, Any]] = []
-            if pairs:
-                pb = min((p for p in problems if not p.peers_ok), key=lambda p: p.dim, default=None)
-                if pb is not None:
-                    for pair in pairs:
-                        bar.set_postfix_str(f"parity {pair.cfg.name}", refresh=False)
-                        for n in parity_steps:
-                            r = H.run_parity(pb, pair, n)
-                            r["problem"] = pb.name
-                            parity_rows.append(r)
-                            bar.update(1)
-            over_rows: List[Dict[str, Any]] = []
-            if overhead:
-                bar.set_postfix_str(f"overhead (dim {overhead_dim}, batch {overhead_batch}, 1 thread)", refresh=False)
-                torch.set_num_threads(1)
-                over_rows = H.overhead(overhead_dim, overhead_batch, overhead_nfe, overhead_repeats, seed,
-                                       algorithms=algos, libraries=libs_ok, progress=bar)
-                if threads:
-                    torch.set_num_threads(threads)
-        bar.close()
-    finally:
-        torch.set_num_threads(old_threads)
-    described = [_describe(pb) for pb in problems]
-    meta = {
-        "command": command or "ds.bench(...)", "wall": time.perf_counter() - t_start, "quick": quick,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "threads": threads, "versions": _versions(), "skipped": skipped,
-        "peer_dtype": str(peer_dtype).replace("torch.", ""), "spacings": list(spacings), "finals": list(finals),
-        "solvers": our_solvers, "seed": seed, "parity_steps": list(parity_steps),
-        "overhead": {"dim": overhead_dim, "batch": overhead_batch, "nfe": overhead_nfe, "repeats": overhead_repeats},
-        "jump_tol": H.JUMP_TOL,
-        "profiles": [{"problem": pb.name, "profile": prof.path, "nfes": ns, "model": prof.model.get("fingerprint"),
-                      "calibration": prof.meta.get("calibration"), "teacher": prof.meta.get("teacher")}
-                     for pb, prof, ns in tuned_runs],
-    }
-    res = BenchResult(rows, parity_rows, over_rows, described, nfes, meta)
-    if out:
-        from . import report
-        res.files = report.write_all(res, out, name=name, formats=write)
-    return res
+    if not cfg.peers:
+        return libs_ok
+    for lib, why in P.available_libraries().items():
+        if cfg.libraries is not None and lib not in cfg.libraries:
+            continue
+        if why:
+            skipped[lib] = why
+            warnings.warn(f"diffsolve.bench: skipping {lib}: {why}", RuntimeWarning, stacklevel=3)
+        else:
+            libs_ok.append(lib)
+    return libs_ok
 
 
-def _problems(dims, batch, model, checkpoint, shape, seed, ref_nfe) -> List[H.Problem]:
+def _problems(cfg: BenchConfig) -> List[H.Problem]:
+    """The models with their references: the user's model, or the exact mixtures of ``dims``."""
+    model, checkpoint, batch = cfg.model, cfg.checkpoint, cfg.batch
     if model is not None or checkpoint is not None:
         if isinstance(model, str) and not _is_factory(model):  # a checkpoint/diffusers folder or 'mnist'
             checkpoint, model = model, None
         den = load_checkpoint(checkpoint) if checkpoint is not None else (
             load_factory(model) if isinstance(model, str) else model)
-        shape = shape or tuple(getattr(den, "sample_shape", None) or ()) or None
+        shape = cfg.shape or tuple(getattr(den, "sample_shape", None) or ()) or None
         b = batch if isinstance(batch, int) else (batch[0] if batch else 16)
         label = checkpoint or (model if isinstance(model, str) else type(den.net).__name__)
-        return [H.model_problem(den, b, seed, shape, ref_nfe, name=f"model {label}")]
+        return [H.model_problem(den, b, cfg.seed, shape, cfg.ref_nfe, name=f"model {label}")]
     if batch is None:
-        batches = [DEFAULT_BATCH.get(d, 256) for d in dims]
+        batches = [DEFAULT_BATCH.get(d, 256) for d in cfg.dims]
     elif isinstance(batch, int):
-        batches = [batch] * len(dims)
-    else:
-        batches = list(batch) * (len(dims) if len(batch) == 1 else 1)
-        if len(batches) != len(dims):
-            raise ValueError("batch needs one value or one per dim")
-    return [H.exact_problem(d, b, seed) for d, b in zip(dims, batches)]
+        batches = [batch] * len(cfg.dims)
+    else:  # one value, or one per dim (checked by BenchConfig)
+        batches = list(batch) * (len(cfg.dims) if len(batch) == 1 else 1)
+    return [H.exact_problem(d, b, cfg.seed) for d, b in zip(cfg.dims, batches)]
+
+
+def _peer_configs(cfg: BenchConfig, libraries: List[str], problems: List[H.Problem],
+                  skipped: Dict[str, str]) -> List[P.PeerConfig]:
+    """The peers' configurations; a problem the peers cannot run is reported with a warning."""
+    cfgs = P.peer_configs(cfg.quick, libraries) if libraries else []
+    for pb in problems:
+        why = pb.peers_ok  # the reason the peers cannot run on it ('' when they can)
+        if cfgs and why:
+            skipped[f"peers on {pb.name}"] = why
+            warnings.warn(f"diffsolve.bench: no peers on {pb.name}: {why}", RuntimeWarning, stacklevel=3)
+    return cfgs
+
+
+def _parity_pairs(cfg: BenchConfig, libraries: List[str]) -> List[H.ParityPair]:
+    pairs = H.parity_pairs(cfg.quick) if cfg.parity and libraries else []
+    return [p for p in pairs if p.cfg.library in libraries]
+
+
+def _overhead_algorithms(cfg: BenchConfig) -> List[str]:
+    return list(cfg.overhead_algorithms or H.OVERHEAD_ALGORITHMS) if cfg.overhead else []
+
+
+def _tuned_runs(cfg: BenchConfig, problems: List[H.Problem],
+                skipped: Dict[str, str]) -> List[Tuple[H.Problem, Any, List[int]]]:
+    """(problem, profile, NFE budgets) for each profile on each problem whose model it belongs to; a profile
+    that matches none is reported with a warning."""
+    from ..tuning import ProfileMismatch, load_profile
+    tuned_runs = []
+    for spec in cfg.profiles:
+        prof = load_profile(spec)
+        label = prof.path or repr(prof)
+        matched, why = False, "no models"
+        for pb in problems:
+            try:
+                prof.check(pb.den, pb.shape)
+            except ProfileMismatch as e:
+                why = str(e)
+                continue
+            matched = True
+            tuned_runs.append((pb, prof, [n for n in cfg.nfes if n in prof.entries]))
+        if not matched:
+            skipped[f"profile {label}"] = f"matches none of the models ({why})"
+            warnings.warn(f"diffsolve.bench: profile {label} matches none of the models", RuntimeWarning,
+                          stacklevel=3)
+    return tuned_runs
+
+
+def _progress_bar(cfg: BenchConfig, plan: _Plan):
+    """A progress bar over every run the plan makes."""
+    n_ours = len(plan.solvers) * len(cfg.spacings) * len(cfg.finals) * len(cfg.nfes)
+    n_peer = sum(len(c.tolerances) if c.adaptive else len(cfg.nfes) for c in plan.peer_configs)
+    n_par = len(plan.pairs) * len(cfg.parity_steps)
+    n_over = cfg.overhead_repeats * sum(2 + sum(1 for p in H.OVERHEAD_ALGORITHMS.get(a, ("", {}, []))[2]
+                                                if p[0] in plan.libraries) for a in plan.overhead_algorithms)
+    n_tuned = sum(len(ns) for _, _, ns in plan.tuned_runs)
+    total = sum(n_ours + (n_peer if not pb.peers_ok else 0) for pb in plan.problems) + n_par + n_over + n_tuned
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="run", desc="diffsolve bench", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _our_rows(cfg: BenchConfig, plan: _Plan, pb: H.Problem, bar) -> List[Dict[str, Any]]:
+    """Every configuration of ours on one problem: solver x NFE x spacing x final."""
+    rows = []
+    for s in plan.solvers:
+        for n in cfg.nfes:
+            bar.set_postfix_str(f"{pb.name} {s} NFE {n}", refresh=False)
+            for sp in cfg.spacings:
+                for fi in cfg.finals:
+                    rows.append(H.run_ours(pb, s, n, sp, fi))
+                    bar.update(1)
+    return rows
+
+
+def _profile_rows(plan: _Plan, pb: H.Problem, bar) -> List[Dict[str, Any]]:
+    """The tuned profiles that belong to one problem's model, at their NFE budgets."""
+    rows = []
+    for tpb, prof, ns in plan.tuned_runs:
+        if tpb is pb:
+            for n in ns:
+                bar.set_postfix_str(f"{pb.name} tuned NFE {n}", refresh=False)
+                rows.append(H.run_profile(pb, prof, n))
+                bar.update(1)
+    return rows
+
+
+def _peer_rows(cfg: BenchConfig, plan: _Plan, pb: H.Problem, bar) -> List[Dict[str, Any]]:
+    """Every peer configuration on one problem: at each NFE budget, or (adaptive) at each tolerance."""
+    rows: List[Dict[str, Any]] = []
+    if pb.peers_ok:
+        return rows
+    for c in plan.peer_configs:
+        bar.set_postfix_str(f"{pb.name} {c.name}", refresh=False)
+        if c.adaptive:
+            for tol in c.tolerances:
+                r = H.run_peer_config(pb, c, None, cfg.peer_dtype, tolerance=tol)
+                H.assign_budget(r, cfg.nfes)
+                rows.append(r)
+                bar.update(1)
+            continue
+        for n in cfg.nfes:
+            rows.append(H.run_peer_config(pb, c, n, cfg.peer_dtype))
+            bar.update(1)
+    return rows
+
+
+def _parity(cfg: BenchConfig, plan: _Plan, bar) -> List[Dict[str, Any]]:
+    """The matched pairs on the smallest problem the peers run on, at each of ``parity_steps``."""
+    rows: List[Dict[str, Any]] = []
+    if not plan.pairs:
+        return rows
+    pb = min((p for p in plan.problems if not p.peers_ok), key=lambda p: p.dim, default=None)
+    if pb is None:
+        return rows
+    for pair in plan.pairs:
+        bar.set_postfix_str(f"parity {pair.cfg.name}", refresh=False)
+        for n in cfg.parity_steps:
+            r = H.run_parity(pb, pair, n)
+            r["problem"] = pb.name
+            rows.append(r)
+            bar.update(1)
+    return rows
+
+
+def _overhead(cfg: BenchConfig, plan: _Plan, bar) -> List[Dict[str, Any]]:
+    """Solver overhead per NFE, on one thread (then the run's thread count again)."""
+    if not cfg.overhead:
+        return []
+    bar.set_postfix_str(f"overhead (dim {cfg.overhead_dim}, batch {cfg.overhead_batch}, 1 thread)", refresh=False)
+    torch.set_num_threads(1)
+    rows = H.overhead(cfg.overhead_dim, cfg.overhead_batch, cfg.overhead_nfe, cfg.overhead_repeats, cfg.seed,
+                      algorithms=plan.overhead_algorithms, libraries=plan.libraries, progress=bar)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return rows
+
+
+def _meta(cfg: BenchConfig, plan: _Plan, skipped: Dict[str, str], t_start: float) -> Dict[str, Any]:
+    """The command, timings, versions, settings and what was skipped."""
+    return {
+        "command": cfg.command or "ds.bench(...)", "wall": time.perf_counter() - t_start, "quick": cfg.quick,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "threads": cfg.threads, "versions": _versions(), "skipped": skipped,
+        "peer_dtype": str(cfg.peer_dtype).replace("torch.", ""), "spacings": list(cfg.spacings),
+        "finals": list(cfg.finals), "solvers": plan.solvers, "seed": cfg.seed, "parity_steps": list(cfg.parity_steps),
+        "overhead": {"dim": cfg.overhead_dim, "batch": cfg.overhead_batch, "nfe": cfg.overhead_nfe,
+                     "repeats": cfg.overhead_repeats},
+        "jump_tol": H.JUMP_TOL,
+        "profiles": [{"problem": pb.name, "profile": prof.path, "nfes": ns, "model": prof.model.get("fingerprint"),
+                      "calibration": prof.meta.get("calibration"), "teacher": prof.meta.get("teacher")}
+                     for pb, prof, ns in plan.tuned_runs],
+    }
+
+
+def _write(cfg: BenchConfig, res: BenchResult) -> Dict[str, str]:
+    """The report files (none without ``out``)."""
+    if not cfg.out:
+        return {}
+    from . import report
+    return report.write_all(res, cfg.out, name=cfg.name, formats=cfg.write)
 
 
 def _describe(pb: H.Problem) -> Dict[str, Any]:
@@ -399,6 +699,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_from_args(args: argparse.Namespace, profiles: Sequence[Any] = (),
+                      command: Optional[str] = None) -> BenchConfig:
+    """The BenchConfig of parsed command-line arguments (``build_parser``)."""
+    return BenchConfig(
+        dims=_ints(args.dims), nfes=_ints(args.nfes), batch=None if args.batch is None else _ints(args.batch),
+        model=args.model, checkpoint=args.checkpoint, shape=_ints(args.shape) if args.shape else None,
+        ref_nfe=args.ref_nfe,
+        solvers=args.solvers.split(",") if args.solvers else None,
+        spacings=[s for s in args.spacings.split(",") if s], finals=[f for f in args.finals.split(",") if f],
+        stochastic=args.stochastic, profiles=profiles,
+        peers=not args.no_peers, libraries=args.libraries.split(",") if args.libraries else None,
+        peer_dtype=getattr(torch, args.peer_dtype),
+        parity=not args.no_parity, parity_steps=_ints(args.parity_steps),
+        overhead=not args.no_overhead, overhead_dim=args.overhead_dim, overhead_batch=args.overhead_batch,
+        overhead_nfe=args.overhead_nfe, overhead_repeats=args.overhead_repeats,
+        quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress, command=command,
+        out=args.out, name=args.name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
@@ -411,23 +730,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from ..tuning import load_profile
         profiles = [load_profile(p) for p in args.profile]  # a missing or corrupted profile fails before any work
+        cfg = _config_from_args(args, profiles, command="python -m diffsolve.bench " + " ".join(argv_list))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = bench(out=args.out, dims=_ints(args.dims), nfes=_ints(args.nfes),
-                batch=None if args.batch is None else _ints(args.batch), model=args.model,
-                checkpoint=args.checkpoint, shape=_ints(args.shape) if args.shape else None,
-                solvers=args.solvers.split(",") if args.solvers else None,
-                spacings=[s for s in args.spacings.split(",") if s], finals=[f for f in args.finals.split(",") if f],
-                stochastic=args.stochastic, peers=not args.no_peers,
-                libraries=args.libraries.split(",") if args.libraries else None,
-                peer_dtype=getattr(torch, args.peer_dtype), parity=not args.no_parity,
-                parity_steps=_ints(args.parity_steps), overhead=not args.no_overhead,
-                overhead_dim=args.overhead_dim, overhead_batch=args.overhead_batch, overhead_nfe=args.overhead_nfe,
-                overhead_repeats=args.overhead_repeats, quick=args.quick, seed=args.seed, threads=args.threads,
-                progress=not args.no_progress, ref_nfe=args.ref_nfe,
-                command="python -m diffsolve.bench " + " ".join(argv_list), name=args.name,
-                profiles=profiles)
+    res = bench(cfg)
     from . import report
     print(report.summary(res))
     return 0
