@@ -14,7 +14,7 @@ import functools
 import os
 from typing import Any
 
-from . import grids, reference
+from . import grids, inverse, reference
 from . import solvers as _solvers_pkg
 from .adapters import Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
 from .adapters.identity import ModelMismatch
@@ -44,7 +44,7 @@ __all__ = [
     "Denoiser", "Model", "ModelWrapper", "Prediction", "NonFiniteError", "ModelMismatch", "edm_coefficients",
     "outputs_from", "ClassifierFreeGuidance",
     "NoiseProcess", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow", "AffineInterpolant", "Shifted",
-    "process_from_config", "GaussianMixture", "exact_targets", "reference",
+    "process_from_config", "GaussianMixture", "exact_targets", "reference", "inverse",
     "sample", "SampleInfo", "SamplerSpec", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SolverState",
     "SamplingError", "TimeGrid", "make_grid", "explicit", "grids", "load", "save_model", "dpm_v3", "momentum",
     "bench", "tune", "Profile", "compute_statistics",

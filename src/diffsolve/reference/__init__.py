@@ -2,7 +2,8 @@
 probability-flow ODE, the named mixtures of the command line, and closed-form solver statistics."""
 from typing import Callable, Dict, Tuple
 
-from .gmm import ExactTargets, GaussianMixture, exact_targets
+from .dense import DenseGaussianMixture
+from .gmm import ClosedFormPrior, ExactTargets, GaussianMixture, exact_targets
 from .statistics import gaussian_statistics
 
 #: the named exact references: name -> (description, constructor)
@@ -14,4 +15,4 @@ REFERENCES: Dict[str, Tuple[str, Callable[[], GaussianMixture]]] = {
               lambda: GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
 }
 
-__all__ = ["GaussianMixture", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]
+__all__ = ["GaussianMixture", "DenseGaussianMixture", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]

@@ -27,102 +27,30 @@ Tensor = torch.Tensor
 DT = torch.float64
 
 
-class GaussianMixture:
-    """MoLRG reference distribution with closed-form denoiser (all float64).
+class ClosedFormPrior:
+    """A prior whose noisy marginals are closed form in the VE view (x~ = x / alpha, s = sigma / alpha): a subclass
+    gives ``denoise_ve`` (E[x0 | x~]), ``log_prob_ve`` (log p of the data convolved with N(0, s^2 I)), ``sample``,
+    ``shape`` and ``dim``; this base derives the exact (x0, eps) of any process, the score, the exact model, the
+    clean log-density and the probability-flow ODE solved to rtol 1e-10."""
 
-    Args:
-        means: [K, d] component means.
-        bases: [K, d, r] orthonormal columns (the low-rank subspaces).
-        scales: [K, r] standard deviations along the subspace directions.
-        delta: isotropic standard deviation (> 0, keeps the density finite).
-        weights: [K] mixture weights (normalised here).
-        shape: the data shape (prod(shape) = d); samples are returned as [n, *shape].
-    """
+    shape: Tuple[int, ...]
+    dim: int
 
-    def __init__(self, means: Tensor, bases: Tensor, scales: Tensor, delta: float,
-                 weights: Optional[Tensor] = None, shape: Optional[Sequence[int]] = None):
-        self.means = torch.as_tensor(means, dtype=DT)
-        self.bases = torch.as_tensor(bases, dtype=DT)
-        self.scales = torch.as_tensor(scales, dtype=DT)
-        K, d = self.means.shape
-        if self.bases.shape[:2] != (K, d) or self.scales.shape != (K, self.bases.shape[2]):
-            raise ValueError("means [K,d], bases [K,d,r] and scales [K,r] do not match")
-        if delta <= 0:
-            raise ValueError("delta must be > 0")
-        w = torch.ones(K, dtype=DT) if weights is None else torch.as_tensor(weights, dtype=DT)
-        self.log_weights = torch.log(w / w.sum())
-        self.delta = float(delta)
-        self.shape = tuple(shape) if shape is not None else (d,)
-        if int(np.prod(self.shape)) != d:
-            raise ValueError(f"shape {self.shape} does not have {d} elements")
-        self.dim, self.n_components, self.rank = d, K, self.bases.shape[2]
-
-    @classmethod
-    def random(cls, dim: int = 64, n_components: int = 4, rank: Optional[int] = None, delta: float = 0.1,
-               mean_std: float = 0.3, component_std: float = 0.4, seed: int = 0,
-               shape: Optional[Sequence[int]] = None) -> "GaussianMixture":
-        """A random MoLRG whose coordinates have roughly unit-interval spread (images in [-1, 1])."""
-        g = torch.Generator().manual_seed(seed)
-        r = rank if rank is not None else max(1, min(8, dim // 2))
-        means = mean_std * torch.randn(n_components, dim, generator=g, dtype=DT)
-        bases = torch.linalg.qr(torch.randn(n_components, dim, r, generator=g, dtype=DT))[0]
-        s = component_std * math.sqrt(dim / r)
-        scales = s * (0.5 + torch.rand(n_components, r, generator=g, dtype=DT))
-        weights = 0.5 + torch.rand(n_components, generator=g, dtype=DT)
-        return cls(means, bases, scales, delta, weights, shape)
-
-    @classmethod
-    def toy2d(cls, n_components: int = 8, radius: float = 2.0, std: float = 0.25, delta: float = 0.05) -> "GaussianMixture":
-        """Elongated Gaussians on a ring: a 2-D picture-friendly reference."""
-        ang = torch.arange(n_components, dtype=DT) * 2 * math.pi / n_components
-        means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-        tang = torch.stack([-torch.sin(ang), torch.cos(ang)], 1)[:, :, None]
-        return cls(means, tang, torch.full((n_components, 1), std, dtype=DT), delta)
-
-    # ------------------------------------------------------------------------------
     def _flat(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], -1).to(DT)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-        z = torch.randn(n, self.rank, generator=generator, dtype=DT) * self.scales[k]
-        iso = self.delta * torch.randn(n, self.dim, generator=generator, dtype=DT)
-        x = self.means[k] + torch.einsum("ndr,nr->nd", self.bases[k], z) + iso
-        return x.reshape(n, *self.shape)
-
-    def _components(self, xf: Tensor, s2: Tensor):
-        """Per-component log N(x~; mu_k, Sigma_k + s2 I) and E[x0 | x~, k] (xf: [B, d], s2 scalar or [B])."""
-        s2 = torch.as_tensor(s2, dtype=DT).reshape(-1, 1, 1) if torch.as_tensor(s2).dim() else torch.as_tensor(s2, dtype=DT)
-        c = self.delta**2 + s2  # isotropic variance
-        r = xf[:, None, :] - self.means[None]  # [B, K, d]
-        proj = torch.einsum("bkd,kdr->bkr", r, self.bases)  # [B, K, r]
-        lam2 = self.scales[None] ** 2  # [1, K, r]
-        a = lam2 / (c + lam2)
-        sq = (r * r).sum(-1) - (a * proj * proj).sum(-1)  # [B, K]
-        c1 = c.reshape(-1, 1) if isinstance(c, Tensor) and c.dim() else c
-        maha = sq / c1
-        logdet = self.dim * torch.log(torch.as_tensor(c1, dtype=DT)) + torch.log1p(lam2 / c).sum(-1)
-        logp = -0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
-        v = (r - torch.einsum("kdr,bkr->bkd", self.bases, a * proj)) / c  # C^{-1} r
-        coef = lam2 * proj * (1 - a) / c  # s^2 U^T v
-        mean = self.means[None] + torch.einsum("kdr,bkr->bkd", self.bases, coef) + self.delta**2 * v
-        return logp, mean
+    def denoise_ve(self, x: Tensor, sigma_ve: Union[float, Tensor]) -> Tensor:
+        raise NotImplementedError
 
     def log_prob_ve(self, x: Tensor, sigma_ve: Union[float, Tensor]) -> Tensor:
-        """log p(x~) of the data convolved with N(0, sigma_ve^2 I)."""
-        logp, _ = self._components(self._flat(x), torch.as_tensor(sigma_ve, dtype=DT) ** 2)
-        return torch.logsumexp(logp + self.log_weights, -1)
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        raise NotImplementedError
 
     def log_prob(self, x0: Tensor) -> Tensor:
         """Exact log-density of clean data."""
         return self.log_prob_ve(x0, 0.0)
-
-    def denoise_ve(self, x: Tensor, sigma_ve: Union[float, Tensor]) -> Tensor:
-        """E[x0 | x~ = x0 + sigma_ve * eps] in closed form; x [B, *shape]."""
-        xf = self._flat(x)
-        logp, mean = self._components(xf, torch.as_tensor(sigma_ve, dtype=DT) ** 2)
-        w = torch.softmax(logp + self.log_weights, -1)
-        return torch.einsum("bk,bkd->bd", w, mean).reshape(x.shape)
 
     def posterior(self, x: Tensor, process: NoiseProcess, t: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
         """Exact (x0, eps) predictions at x_t = alpha x0 + sigma eps."""
@@ -189,6 +117,98 @@ class GaussianMixture:
         y2 = self.ode_solve_ve(x_start.to(DT) / a_s, float(process.sigma_ve(ts)), float(process.sigma_ve(te)), rtol / 2)
         return out, float((y2 * a_e - out).abs().max())
 
+
+
+class GaussianMixture(ClosedFormPrior):
+    """MoLRG reference distribution with closed-form denoiser (all float64).
+
+    Args:
+        means: [K, d] component means.
+        bases: [K, d, r] orthonormal columns (the low-rank subspaces).
+        scales: [K, r] standard deviations along the subspace directions.
+        delta: isotropic standard deviation (> 0, keeps the density finite).
+        weights: [K] mixture weights (normalised here).
+        shape: the data shape (prod(shape) = d); samples are returned as [n, *shape].
+    """
+
+    def __init__(self, means: Tensor, bases: Tensor, scales: Tensor, delta: float,
+                 weights: Optional[Tensor] = None, shape: Optional[Sequence[int]] = None):
+        self.means = torch.as_tensor(means, dtype=DT)
+        self.bases = torch.as_tensor(bases, dtype=DT)
+        self.scales = torch.as_tensor(scales, dtype=DT)
+        K, d = self.means.shape
+        if self.bases.shape[:2] != (K, d) or self.scales.shape != (K, self.bases.shape[2]):
+            raise ValueError("means [K,d], bases [K,d,r] and scales [K,r] do not match")
+        if delta <= 0:
+            raise ValueError("delta must be > 0")
+        w = torch.ones(K, dtype=DT) if weights is None else torch.as_tensor(weights, dtype=DT)
+        self.log_weights = torch.log(w / w.sum())
+        self.delta = float(delta)
+        self.shape = tuple(shape) if shape is not None else (d,)
+        if int(np.prod(self.shape)) != d:
+            raise ValueError(f"shape {self.shape} does not have {d} elements")
+        self.dim, self.n_components, self.rank = d, K, self.bases.shape[2]
+
+    @classmethod
+    def random(cls, dim: int = 64, n_components: int = 4, rank: Optional[int] = None, delta: float = 0.1,
+               mean_std: float = 0.3, component_std: float = 0.4, seed: int = 0,
+               shape: Optional[Sequence[int]] = None) -> "GaussianMixture":
+        """A random MoLRG whose coordinates have roughly unit-interval spread (images in [-1, 1])."""
+        g = torch.Generator().manual_seed(seed)
+        r = rank if rank is not None else max(1, min(8, dim // 2))
+        means = mean_std * torch.randn(n_components, dim, generator=g, dtype=DT)
+        bases = torch.linalg.qr(torch.randn(n_components, dim, r, generator=g, dtype=DT))[0]
+        s = component_std * math.sqrt(dim / r)
+        scales = s * (0.5 + torch.rand(n_components, r, generator=g, dtype=DT))
+        weights = 0.5 + torch.rand(n_components, generator=g, dtype=DT)
+        return cls(means, bases, scales, delta, weights, shape)
+
+    @classmethod
+    def toy2d(cls, n_components: int = 8, radius: float = 2.0, std: float = 0.25, delta: float = 0.05) -> "GaussianMixture":
+        """Elongated Gaussians on a ring: a 2-D picture-friendly reference."""
+        ang = torch.arange(n_components, dtype=DT) * 2 * math.pi / n_components
+        means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+        tang = torch.stack([-torch.sin(ang), torch.cos(ang)], 1)[:, :, None]
+        return cls(means, tang, torch.full((n_components, 1), std, dtype=DT), delta)
+
+    # ------------------------------------------------------------------------------
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.rank, generator=generator, dtype=DT) * self.scales[k]
+        iso = self.delta * torch.randn(n, self.dim, generator=generator, dtype=DT)
+        x = self.means[k] + torch.einsum("ndr,nr->nd", self.bases[k], z) + iso
+        return x.reshape(n, *self.shape)
+
+    def _components(self, xf: Tensor, s2: Tensor):
+        """Per-component log N(x~; mu_k, Sigma_k + s2 I) and E[x0 | x~, k] (xf: [B, d], s2 scalar or [B])."""
+        s2 = torch.as_tensor(s2, dtype=DT).reshape(-1, 1, 1) if torch.as_tensor(s2).dim() else torch.as_tensor(s2, dtype=DT)
+        c = self.delta**2 + s2  # isotropic variance
+        r = xf[:, None, :] - self.means[None]  # [B, K, d]
+        proj = torch.einsum("bkd,kdr->bkr", r, self.bases)  # [B, K, r]
+        lam2 = self.scales[None] ** 2  # [1, K, r]
+        a = lam2 / (c + lam2)
+        sq = (r * r).sum(-1) - (a * proj * proj).sum(-1)  # [B, K]
+        c1 = c.reshape(-1, 1) if isinstance(c, Tensor) and c.dim() else c
+        maha = sq / c1
+        logdet = self.dim * torch.log(torch.as_tensor(c1, dtype=DT)) + torch.log1p(lam2 / c).sum(-1)
+        logp = -0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
+        v = (r - torch.einsum("kdr,bkr->bkd", self.bases, a * proj)) / c  # C^{-1} r
+        coef = lam2 * proj * (1 - a) / c  # s^2 U^T v
+        mean = self.means[None] + torch.einsum("kdr,bkr->bkd", self.bases, coef) + self.delta**2 * v
+        return logp, mean
+
+    def log_prob_ve(self, x: Tensor, sigma_ve: Union[float, Tensor]) -> Tensor:
+        """log p(x~) of the data convolved with N(0, sigma_ve^2 I)."""
+        logp, _ = self._components(self._flat(x), torch.as_tensor(sigma_ve, dtype=DT) ** 2)
+        return torch.logsumexp(logp + self.log_weights, -1)
+
+    def denoise_ve(self, x: Tensor, sigma_ve: Union[float, Tensor]) -> Tensor:
+        """E[x0 | x~ = x0 + sigma_ve * eps] in closed form; x [B, *shape]."""
+        xf = self._flat(x)
+        logp, mean = self._components(xf, torch.as_tensor(sigma_ve, dtype=DT) ** 2)
+        w = torch.softmax(logp + self.log_weights, -1)
+        return torch.einsum("bk,bkd->bd", w, mean).reshape(x.shape)
+
     def gaussian_ode_solution(self, process: NoiseProcess, x_start: Tensor, t_start: float, t_end: float) -> Tensor:
         """Closed-form ODE solution for a single Gaussian (K = 1): along each principal direction
         x~ - mu scales by sqrt((v + s_end^2) / (v + s_start^2)), v the data variance there."""
@@ -220,7 +240,7 @@ class ExactTargets:
         return self.denoised if clean_end else self.at_t_min
 
 
-def exact_targets(ref: GaussianMixture, process: NoiseProcess, x_start: Tensor, t_start: Optional[float] = None,
+def exact_targets(ref: ClosedFormPrior, process: NoiseProcess, x_start: Tensor, t_start: Optional[float] = None,
                   t_end: Optional[float] = None, rtol: float = 1e-10) -> ExactTargets:
     t_start = process.t_max if t_start is None else t_start
     t_end = process.t_min if t_end is None else t_end

@@ -1,0 +1,124 @@
+"""One entry point for posterior sampling with a frozen prior: ``ds.inverse.sample``.
+
+    x, info = ds.inverse.sample(model, operator, y, sigma_y, method="mmps", nfe=100, n=64, seeds=range(64))
+
+``nfe`` is the budget in NFE-equivalents per sample (a VJP through the network costs about 2 NFE): the number of
+solver evaluations is the largest that fits.  Methods are model wrappers that correct the x0 prediction
+(``guided``), so ``solver`` may be any solver of the library.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..adapters.denoiser import Model
+from ..sampling import sample as run_sampler
+from ..solvers import get_solver
+from ..util import seeding
+from .exact import ExactPosterior, Prior, check_measurement
+from .methods.dps import DPS
+from .methods.mmps import MMPS
+from .methods.oracle import Oracle
+from .methods.pigdm import PiGDM
+from .methods.tmpd import TMPD
+from .operators import Operator
+
+Tensor = torch.Tensor
+VJP_COST = 2.0  # NFE-equivalents of one vector-Jacobian product through the network
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its wrapper, VJPs per evaluation (as a function of its options) and defaults."""
+
+    build: Callable[..., Any]
+    vjps: Callable[[Dict[str, Any]], int]
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+METHODS: Dict[str, Method] = {
+    "dps": Method(DPS, lambda o: 1, {"zeta": 1.0}, "DPS: gradient of the residual norm at x0_hat (Chung et al. 2022)"),
+    "pigdm": Method(PiGDM, lambda o: 1, {}, "PiGDM: pseudo-inverse guidance, isotropic x0 covariance (Song et al. 2023)"),
+    "mmps": Method(MMPS, lambda o: int(o.get("iterations", 3)) + 1, {"iterations": 3},
+                   "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
+    "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),
+    "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
+                     "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
+}
+
+
+def methods() -> List[str]:
+    """The method names ``inverse.sample`` accepts."""
+    return sorted(METHODS)
+
+
+@dataclass
+class InverseInfo:
+    """What a run cost and how it was set up (per sample: ``nfe`` network evaluations, ``vjps``)."""
+
+    method: str
+    solver: str
+    evaluations: int
+    nfe: int
+    vjps: int
+    nfe_equivalents: float
+    seconds: float
+    sigma_y: float
+    options: Dict[str, Any]
+
+
+def guided_model(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: str = "mmps",
+                 prior: Optional[Prior] = None, **options: Any) -> Model:
+    """``model`` wrapped by ``method`` for the measurement (y, sigma_y): a model every solver can run."""
+    if method not in METHODS:
+        raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
+    check_measurement(operator, y, sigma_y)
+    spec = METHODS[method]
+    opts = {**spec.defaults, **options}
+    if method == "oracle":
+        if prior is None:
+            raise ValueError("method='oracle' needs the Gaussian-mixture prior (prior=...)")
+        return spec.build(model, operator, y, sigma_y, ExactPosterior(prior, operator, y, sigma_y))
+    return spec.build(model, operator, y, sigma_y, **opts)
+
+
+def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: str = "mmps", nfe: int = 100,
+           n: int = 16, seeds: Optional[Sequence[int]] = None, solver: str = "dpm++2m",
+           prior: Optional[Prior] = None, progress: bool = False,
+           **options: Any) -> Tuple[Tensor, InverseInfo]:
+    """``n`` samples of p(x0 | y) under ``model``'s prior; see the module docstring."""
+    if method not in METHODS:
+        raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
+    if operator.in_shape != _shape(model, operator):
+        raise ValueError(f"the operator acts on {list(operator.in_shape)}, the model's data are "
+                         f"{list(_shape(model, operator))}")
+    info = get_solver(solver)
+    spec = METHODS[method]
+    opts = {**spec.defaults, **options}
+    per_eval = 1.0 + VJP_COST * spec.vjps(opts)
+    evals = int(nfe // per_eval)
+    steps, used = info.steps_for_nfe(max(evals, 1), True)
+    if evals < 1 or steps < 1:
+        raise ValueError(f"a budget of {nfe} NFE-equivalents does not fit one step of {method} "
+                         f"({per_eval:g} NFE-equivalents per evaluation)")
+    guided = guided_model(model, operator, y, sigma_y, method, prior, **options)
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    noise = seeding.noise(seeds, operator.in_shape)
+    t0 = time.perf_counter()
+    x, si = run_sampler(guided, noise, info.name, nfe=used, seeds=seeds if info.stochastic else None,
+                        return_info=True, progress=progress)
+    seconds = time.perf_counter() - t0
+    vjps = int(getattr(guided, "vjps", 0))
+    return x, InverseInfo(method, info.name, si.nfe, si.nfe, vjps, si.nfe + VJP_COST * vjps, seconds,
+                          float(sigma_y), {k: v for k, v in opts.items() if isinstance(v, (int, float, str))})
+
+
+def _shape(model: Model, operator: Operator) -> Tuple[int, ...]:
+    shape = getattr(model, "sample_shape", None)
+    return tuple(shape) if shape else operator.in_shape
+
+
