@@ -71,3 +71,14 @@ def test_explicit_grid_forms_agree():
         ds.explicit(vp, t=t, sigmas=t)
     with pytest.raises(ValueError, match="positive"):
         ds.explicit(vp, sigmas=[5.0, -1.0])
+
+
+def test_every_spacing_starts_exactly_at_t_max():
+    import diffsolve as ds
+    from diffsolve.grids import SPACINGS, make_grid
+
+    proc = ds.VPDiscrete.linear(1000)
+    for name in SPACINGS:
+        if name == "leading":  # diffusers' 'leading' starts below t_max by design
+            continue
+        assert float(make_grid(proc, 5, name, "t_min").t[0]) == proc.t_max, name

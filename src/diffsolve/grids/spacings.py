@@ -49,7 +49,9 @@ def karras(process: NoiseProcess, n: int, rho: float = 7.0) -> Tensor:
 def quadratic(process: NoiseProcess, n: int) -> Tensor:
     """Uniform in sqrt(t - t_min) (DDIM's / DPM-Solver's 'time_quadratic')."""
     u = torch.linspace(math.sqrt(process.t_max - process.t_min), 0.0, n, dtype=DT)
-    return process.t_min + u**2
+    t = process.t_min + u**2
+    t[0] = process.t_max  # exactly, not t_min + sqrt(.)^2
+    return t
 
 
 def _num_train(process: NoiseProcess) -> int:
