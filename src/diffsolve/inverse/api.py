@@ -15,14 +15,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..adapters.denoiser import Model
+from ..grids import make_grid
 from ..sampling import sample as run_sampler
 from ..solvers import get_solver
+from ..solvers.state import Noise
 from ..util import seeding
 from .exact import ExactPosterior, Prior, check_measurement
+from .methods.ddrm import DDRM
 from .methods.dps import DPS
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
 from .methods.pigdm import PiGDM
+from .methods.tds import TDS
 from .methods.tmpd import TMPD
 from .operators import Operator
 
@@ -38,6 +42,7 @@ class Method:
     vjps: Callable[[Dict[str, Any]], int]
     defaults: Dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    loop: bool = False  # a method with its own sampling loop (``run``), not a model wrapper run by a solver
 
 
 METHODS: Dict[str, Method] = {
@@ -46,6 +51,10 @@ METHODS: Dict[str, Method] = {
     "mmps": Method(MMPS, lambda o: int(o.get("iterations", 3)) + 1, {"iterations": 3},
                    "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
     "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),
+    "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5},
+                  "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
+    "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
+                   "DDRM: spectral DDIM in the operator's SVD (Kawar et al. 2022)", loop=True),
     "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
                      "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
 }
@@ -105,9 +114,11 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     if evals < 1 or steps < 1:
         raise ValueError(f"a budget of {nfe} NFE-equivalents does not fit one step of {method} "
                          f"({per_eval:g} NFE-equivalents per evaluation)")
-    guided = guided_model(model, operator, y, sigma_y, method, prior, **options)
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     noise = seeding.noise(seeds, operator.in_shape)
+    if spec.loop:
+        return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts)
+    guided = guided_model(model, operator, y, sigma_y, method, prior, **options)
     t0 = time.perf_counter()
     x, si = run_sampler(guided, noise, info.name, nfe=used, seeds=seeds if info.stochastic else None,
                         return_info=True, progress=progress)
@@ -115,6 +126,23 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     vjps = int(getattr(guided, "vjps", 0))
     return x, InverseInfo(method, info.name, si.nfe, si.nfe, vjps, si.nfe + VJP_COST * vjps, seconds,
                           float(sigma_y), {k: v for k, v in opts.items() if isinstance(v, (int, float, str))})
+
+
+def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Tensor, sigma_y: float,
+                   evals: int, noise: Tensor, seeds: List[int], opts: Dict[str, Any]) -> Tuple[Tensor, InverseInfo]:
+    if evals < 2:
+        raise ValueError(f"{method} needs at least 2 evaluations; raise nfe")
+    smc = spec.build(model, operator, y, sigma_y, **opts)
+    grid = make_grid(model.process, evals, "logsnr", "t_min")
+    g = seeding.stream(seeds[0], seeding.SOLVER)
+    t0 = time.perf_counter()
+    x = smc.run(noise, grid, Noise(seeding.solver_generators(seeds)), g)
+    seconds = time.perf_counter() - t0
+    return x.reshape(noise.shape), InverseInfo(method, method, smc.nfe, smc.nfe, smc.vjps,
+                                               smc.nfe + VJP_COST * smc.vjps, seconds, float(sigma_y),
+                                               {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str))},
+                                                **({"resamplings": smc.resamplings} if hasattr(smc, "resamplings")
+                                                   else {})})
 
 
 def _shape(model: Model, operator: Operator) -> Tuple[int, ...]:

@@ -35,7 +35,9 @@ class PiGDM(Guided):
         # (r^2 U S^2 U^T + sigma_y^2 I)^{-1} r in the SVD (U has orthonormal columns; its complement sees sigma_y^2)
         U, S = self.U, self.S
         ru = rf @ U
-        sol = (rf - ru @ U.T) / self.sigma_y**2 + (ru / (r2 * S**2 + self.sigma_y**2)) @ U.T
+        sol = (ru / (r2 * S**2 + self.sigma_y**2)) @ U.T
+        if self.sigma_y > 0:  # the part of r outside A's range (zero up to rounding when sigma_y = 0)
+            sol = sol + (rf - ru @ U.T) / self.sigma_y**2
         sol = sol.reshape(res.shape).to(res.dtype)
         self.count()
         return gamma(alpha, sigma) * tape.vjp(tape.y_hat, tape.xg, sol)

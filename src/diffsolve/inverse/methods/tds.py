@@ -77,9 +77,10 @@ class TDS:
         self.vjps += 1
         return x0.detach(), g, logp.detach()
 
-    def run(self, noise: Tensor, grid: TimeGrid, generator: torch.Generator) -> Tensor:
+    def run(self, noise: Tensor, grid: TimeGrid, rng: Noise, generator: torch.Generator) -> Tensor:
         """Particles [N, ...] from standard normal ``noise`` on ``grid`` (final='t_min': the clean end is the x0
-        prediction at t_min); returns the equally weighted particles after the final resampling."""
+        prediction at t_min); returns the equally weighted particles after the final resampling.  The particles share
+        ``generator`` (they interact); ``rng`` is unused."""
         proc = self.model.process
         st = SolverState(x=proc.prior_from_noise(noise.to(DT)), noise=Noise())
         n_pts = grid.t.numel()
