@@ -6,12 +6,20 @@ down and up paths.  Built from a plain ``UNetConfig`` (a dataclass that round-tr
 JSON), called as ``net(x, t)`` with ``x`` [B, C, H, W] and ``t`` a float tensor [B] (the
 model time handed over by ``ds.Denoiser``).  Any H, W work: the input is zero-padded up to a
 multiple of 2**(levels - 1) and the output cropped back, so the output shape equals the input's.
+
+Class conditioning (for classifier-free guidance, Ho & Salimans 2022): with ``num_classes = K > 0``
+a learned label embedding (K + 1 rows; row K is the null label) is added to the time embedding,
+and the network is called as ``net(x, t, class_labels=y)`` with ``y`` a LongTensor [B] in 0..K
+(no ``class_labels``: the null label, i.e. the unconditional model).  The unconditional branch of
+``ds.ClassifierFreeGuidance`` is ``{"class_labels": torch.tensor([K])}``.  With ``num_classes = 0``
+(the default) the network, its parameters, state dict and serialised config are exactly those of
+an unconditional UNet.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +44,8 @@ class UNetConfig:
         time_scale: the time input is multiplied by this before the sinusoidal embedding (the
             embedding resolves ~1e-3 .. 1e3, so continuous times in [0, 1] want ~1000).
         time_embed_dim: width of the time embedding MLP (default 4 * base_channels).
+        num_classes: 0 (unconditional) or the number K of class labels; label K is the null label.
+            Left out of ``to_dict`` when 0, so unconditional configs serialise as they always have.
     """
 
     in_channels: int = 1
@@ -49,9 +59,13 @@ class UNetConfig:
     dropout: float = 0.0
     time_scale: float = 1.0
     time_embed_dim: Optional[int] = None
+    num_classes: int = 0
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if isinstance(self.num_classes, bool) or int(self.num_classes) != self.num_classes or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: unconditional), got {self.num_classes!r}")
+        self.num_classes = int(self.num_classes)
         if self.in_channels < 1 or (self.out_channels is not None and self.out_channels < 1):
             raise ValueError("in_channels and out_channels must be >= 1")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -75,9 +89,16 @@ class UNetConfig:
     def temb_dim(self) -> int:
         return self.time_embed_dim or 4 * self.base_channels
 
+    @property
+    def null_label(self) -> Optional[int]:
+        """The label index of the unconditional branch (``num_classes``); None for an unconditional UNet."""
+        return self.num_classes if self.num_classes > 0 else None
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
+        if not self.num_classes:
+            del d["num_classes"]  # unconditional: the dict of every config written before the field existed
         return d
 
     @classmethod
@@ -159,7 +180,10 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """``UNet(UNetConfig(...))`` or ``UNet(base_channels=..., ...)``; ``forward(x, t) -> same shape as x``."""
+    """``UNet(UNetConfig(...))`` or ``UNet(base_channels=..., ...)``; ``forward(x, t) -> same shape as x``
+    (``forward(x, t, class_labels=y)`` when ``num_classes > 0``)."""
+
+    label_emb: Optional[nn.Embedding]
 
     def __init__(self, config: Optional[UNetConfig] = None, **kwargs: Any):
         super().__init__()
@@ -210,8 +234,27 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch)
         self.conv_out = _zero(nn.Conv2d(ch, cfg.out_ch, 3, padding=1))
         self._factor = 2 ** (levels - 1)
+        # created last, so that the other layers draw the same initial weights as without conditioning
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes > 0 else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def _labels(self, class_labels: Any, b: int, device: torch.device) -> Tensor:
+        """``class_labels`` as a LongTensor [B] on ``device`` (None: the null label; one label: broadcast)."""
+        k = self.config.num_classes
+        if class_labels is None:
+            return torch.full((b,), k, dtype=torch.long, device=device)
+        y = torch.as_tensor(class_labels, device=device)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"class_labels must be an integer tensor (LongTensor [B]), got dtype {y.dtype}")
+        if y.numel() == 1:
+            y = y.reshape(1).expand(b)
+        elif y.dim() != 1 or y.shape[0] != b:
+            raise ValueError(f"class_labels must have shape [B] = [{b}] (or hold one label), got {tuple(y.shape)}")
+        if not torch.compiler.is_compiling() and bool(((y < 0) | (y > k)).any()):
+            raise ValueError(f"class_labels must lie in 0..{k} ({k} = the null label), got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return y.long()
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}")
         b, _, h, w = x.shape
@@ -219,6 +262,10 @@ class UNet(nn.Module):
         t = t.expand(b) if t.dim() == 0 else t.reshape(b)
         emb = timestep_embedding(t.float() * self.config.time_scale, self.config.base_channels)
         temb = self.time_mlp(emb.to(self.conv_in.weight.dtype))
+        if self.label_emb is not None:
+            temb = temb + self.label_emb(self._labels(class_labels, b, x.device))
+        elif class_labels is not None:
+            raise ValueError("this UNet is unconditional (num_classes=0): it takes no class_labels")
         f = self._factor
         ph, pw = (-h) % f, (-w) % f
         if ph or pw:
@@ -226,7 +273,7 @@ class UNet(nn.Module):
 
         hs = [self.conv_in(x)]
         for level in self.down:
-            for layer in level:
+            for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hs.append(layer(hs[-1], temb))
                 elif isinstance(layer, Attention):
@@ -237,7 +284,7 @@ class UNet(nn.Module):
         for layer in self.mid:
             hcur = layer(hcur, temb) if isinstance(layer, ResBlock) else layer(hcur)
         for level in self.up:
-            for layer in level:
+            for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hcur = layer(torch.cat([hcur, hs.pop()], dim=1), temb)
                 else:

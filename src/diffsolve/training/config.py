@@ -29,6 +29,10 @@ def objective_parameterisation(name: str) -> Parameterisation:
     return param
 
 
+#: the class-conditioning fields, left out of an unconditional config's ``to_dict`` at their defaults
+_CONDITIONING = ("num_classes", "label_dropout")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs (JSON-serialisable; see ``diffsolve.training`` module doc)."""
@@ -45,6 +49,8 @@ class TrainConfig:
     lognormal_std: float = 1.2
     model_time: str = "auto"                # auto | process | log_sigma (auto: log_sigma for EDM/VE/edm)
     model: Dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (in_channels is set from data)
+    num_classes: int = 0                    # 0: unconditional; K: class-conditional on labels 0..K-1 (K: null)
+    label_dropout: float = 0.1              # probability of training a label as the null label (for CFG)
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
@@ -92,15 +98,33 @@ class TrainConfig:
             raise ValueError("accelerate must be 'auto' or 'never'")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError("export_dtype must be float32, float16 or bfloat16")
+        if isinstance(self.num_classes, bool) or int(self.num_classes) != self.num_classes or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: unconditional), got {self.num_classes!r}")
+        self.num_classes = int(self.num_classes)
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout!r}")
+        in_model = self.model.get("num_classes")
+        if in_model is not None and in_model != self.num_classes:
+            raise ValueError(f"model.num_classes={in_model!r} differs from num_classes={self.num_classes}; set "
+                             "num_classes (the UNet's follows it)")
 
     @property
     def parameterisation(self) -> Parameterisation:
         """The table entry of ``objective``."""
         return get_parameterisation(self.objective)
 
+    @property
+    def null_label(self) -> Optional[int]:
+        """The label of the unconditional branch (``num_classes``); None for an unconditional run."""
+        return self.num_classes if self.num_classes > 0 else None
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        if not self.num_classes:  # unconditional: the dict of every config written before these fields existed
+            for f in fields(self):
+                if f.name in _CONDITIONING and d[f.name] == f.default:
+                    del d[f.name]
         return d
 
     @classmethod

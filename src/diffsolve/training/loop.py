@@ -3,6 +3,12 @@
 ``setup`` (data, process, network, EMA, optimiser, noise generator, data order) -> ``resume`` (from a
 checkpoint, if asked) -> ``prepare`` (DDP, compile, autocast) -> ``run_steps`` (the optimisation loop, with
 logging, checkpoints and sample grids) -> ``export`` (the last checkpoint and the final EMA model).
+
+Class-conditional runs (``cfg.num_classes = K > 0``) also hold the labels of the data (``TrainingRun.labels``,
+indexed by the same data order as the images); each step replaces a label by the null label K with
+probability ``cfg.label_dropout`` and calls the network with ``class_labels=``.  The model config records
+``num_classes`` and ``null_label``, so a sampler guides with
+``ds.ClassifierFreeGuidance(den, w, {"class_labels": torch.tensor([cfg["null_label"]])})``.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +33,14 @@ from ..adapters.parameterisation import Parameterisation
 from ..hub.checkpoint import CONFIG, WEIGHTS, model_time_fn, save_model
 from ..processes import EDM, NoiseProcess
 from .config import TrainConfig
-from .objectives import default_time_scale, make_process, resolved_model_time, sample_times, training_pair
+from .objectives import (
+    default_time_scale,
+    drop_labels,
+    make_process,
+    resolved_model_time,
+    sample_times,
+    training_pair,
+)
 
 if TYPE_CHECKING:
     from ..models import UNet
@@ -174,9 +188,10 @@ class TrainingRun:
     order: DataOrder
     n_params: int
     net_train: Any = None             # ``net`` as trained (DDP-wrapped under accelerate); set by ``prepare``
-    forward: Optional[Callable[[Tensor, Tensor], Tensor]] = None  # net_train, compiled if asked
+    forward: Optional[Callable[..., Tensor]] = None  # net_train, compiled if asked
     autocast: Callable[[], ContextManager[Any]] = nullcontext
     params: List[torch.nn.Parameter] = field(default_factory=list)  # net_train's, for gradient clipping
+    labels: Optional[Tensor] = None   # int64 [N] on the device, aligned with ``data``; None when unconditional
 
     @property
     def device(self) -> torch.device:
@@ -194,9 +209,41 @@ class TrainingRun:
 # ----------------------------------------------------------------------------------------
 # phases
 # ----------------------------------------------------------------------------------------
-def setup(cfg: TrainConfig, data: Optional[Tensor] = None) -> TrainingRun:
-    """Devices, the output folder (with ``train_config.json``), data, process, network, EMA, optimiser,
-    noise generator and data order; seeds torch and numpy from ``cfg.seed``."""
+def _labels_for(cfg: TrainConfig, n: int, data_given: bool, labels: Optional[Tensor]) -> Optional[Tensor]:
+    """The class labels (int64 [N], CPU) of a run's data: ``labels`` (for in-memory data) or the dataset's own;
+    None for an unconditional run."""
+    from ..util.datasets import load_labels
+
+    k = cfg.num_classes
+    if k == 0:
+        if labels is not None:
+            raise ValueError("labels were given but num_classes=0; set num_classes to train a class-conditional "
+                             "model")
+        return None
+    if labels is not None:
+        y = torch.as_tensor(labels)[: cfg.limit]
+    elif data_given:
+        raise ValueError(f"num_classes={k} with in-memory data needs its labels (train(cfg, data, labels=...))")
+    else:
+        y = load_labels(cfg.dataset, limit=cfg.limit)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(f"labels must be an integer tensor [N], got {y.dtype} {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"{y.shape[0]} labels for {n} images")
+    y = y.long()
+    if n and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(f"labels span [{int(y.min())}, {int(y.max())}], outside 0..{k - 1} (num_classes={k})")
+    missing = sorted(set(range(k)) - set(y.unique().tolist()))
+    if missing:
+        warnings.warn(f"classes {missing[:10]}{' ...' if len(missing) > 10 else ''} have no training images"
+                      + (f" (limit={cfg.limit} keeps only the first images)" if cfg.limit else ""), stacklevel=3)
+    return y
+
+
+def setup(cfg: TrainConfig, data: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> TrainingRun:
+    """Devices, the output folder (with ``train_config.json``), data (and, for a class-conditional run, its
+    labels: ``labels`` for in-memory ``data``, else the dataset's), process, network, EMA, optimiser, noise
+    generator and data order; seeds torch and numpy from ``cfg.seed``."""
     from ..models import UNet, UNetConfig, count_parameters
     from ..util.datasets import load_dataset
 
@@ -213,10 +260,13 @@ def setup(cfg: TrainConfig, data: Optional[Tensor] = None) -> TrainingRun:
     if x_all.dim() != 4:
         raise ValueError(f"training data must be [N, C, H, W], got {tuple(x_all.shape)}")
     sample_shape = list(x_all.shape[1:])
+    y_all = _labels_for(cfg, x_all.shape[0], data is not None, labels)
     x_all = x_all.to(dev)
     proc = make_process(cfg)
     mt = resolved_model_time(cfg, proc)
     mcfg = {"time_scale": default_time_scale(proc, mt), **cfg.model, "in_channels": sample_shape[0]}
+    if cfg.num_classes:
+        mcfg["num_classes"] = cfg.num_classes
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     net = UNet(UNetConfig.from_dict(mcfg)).to(dev)
@@ -226,7 +276,8 @@ def setup(cfg: TrainConfig, data: Optional[Tensor] = None) -> TrainingRun:
     order = DataOrder(x_all.shape[0], cfg.batch_size, cfg.seed, dist.rank, dist.world)
     return TrainingRun(cfg=cfg, dist=dist, out=out, data=x_all, sample_shape=sample_shape,
                        dataset=cfg.dataset if data is None else "in-memory", proc=proc, model_time=mt, net=net,
-                       ema=ema, opt=opt, gen=gen, order=order, n_params=count_parameters(net))
+                       ema=ema, opt=opt, gen=gen, order=order, n_params=count_parameters(net),
+                       labels=None if y_all is None else y_all.to(dev))
 
 
 def model_config(run: TrainingRun, step: int) -> Dict[str, Any]:
@@ -240,9 +291,13 @@ def model_config(run: TrainingRun, step: int) -> Dict[str, Any]:
          "parameters": run.n_params,
          "training": {k: v for k, v in cfg.to_dict().items()
                       if k in ("objective", "loss_weighting", "t_sampling", "batch_size", "lr", "lr_schedule",
-                               "warmup_steps", "ema_decay", "ema_warmup", "grad_clip", "seed", "bf16")}}
+                               "warmup_steps", "ema_decay", "ema_warmup", "grad_clip", "seed", "bf16",
+                               "num_classes", "label_dropout")}}
     if run.param.preconditioned or isinstance(proc, EDM):
         c["sigma_data"] = float(getattr(proc, "sigma_data", 0.5))
+    if cfg.num_classes:  # class-conditional: labels 0..K-1 and the null label K, passed as class_labels=
+        c["num_classes"] = cfg.num_classes
+        c["null_label"] = cfg.null_label
     return c
 
 
@@ -333,7 +388,8 @@ def save_checkpoint(run: TrainingRun, step: int) -> None:
 
 
 def sample_grid(run: TrainingRun, step: int) -> None:
-    """``samples/step_XXXXXXX.png``: the EMA model's samples (dpm++2m, fixed noise); main process only."""
+    """``samples/step_XXXXXXX.png``: the EMA model's samples (dpm++2m, fixed noise); main process only.
+    A class-conditional model samples labels 0, 1, ..., K-1, 0, ... (unguided), one class per column."""
     cfg = run.cfg
     if not run.dist.main or cfg.sample_every < 0 or cfg.num_samples < 1:
         return
@@ -345,24 +401,34 @@ def sample_grid(run: TrainingRun, step: int) -> None:
                    model_time=None if run.param.preconditioned else model_time_fn(run.model_time, proc),
                    sigma_data=getattr(proc, "sigma_data", 0.5))
     noise = torch.randn(cfg.num_samples, *run.sample_shape, generator=torch.Generator().manual_seed(12345))
+    kw: Dict[str, Any] = {}
+    nrow = None
+    if run.labels is not None:
+        k = cfg.num_classes
+        kw["model_kwargs"] = {"class_labels": (torch.arange(cfg.num_samples) % k).to(run.device)}
+        nrow = k if k <= 32 else None
     with torch.no_grad():
-        x = sample(den, noise.to(run.device), solver="dpm++2m", nfe=max(cfg.sample_nfe, 2))
-    save_grid(x.float(), run.out / "samples" / f"step_{step:07d}.png")
+        x = sample(den, noise.to(run.device), solver="dpm++2m", nfe=max(cfg.sample_nfe, 2), **kw)
+    save_grid(x.float(), run.out / "samples" / f"step_{step:07d}.png", nrow=nrow)
 
 
 def train_step(run: TrainingRun, step: int) -> Tuple[Tensor, Tensor, float]:
-    """One optimiser step at ``step`` (learning rate, batch, times, noise, loss, clipping); (loss, gradient
-    norm, learning rate)."""
+    """One optimiser step at ``step`` (learning rate, batch, times, noise, labels with label dropout, loss,
+    clipping); (loss, gradient norm, learning rate)."""
     cfg, dev, opt = run.cfg, run.device, run.opt
     lr = lr_at(cfg, step)
     for g in opt.param_groups:
         g["lr"] = lr
-    x0 = run.data[run.order.indices(step).to(dev)]
+    idx = run.order.indices(step).to(dev)
+    x0 = run.data[idx]
     t = sample_times(cfg, run.proc, x0.shape[0], run.gen)
     eps = torch.randn(x0.shape, generator=run.gen).to(dev)
     xin, tin, target, w = training_pair(cfg, run.proc, run.model_time, x0, eps, t)
+    kw: Dict[str, Tensor] = {}
+    if run.labels is not None:
+        kw["class_labels"] = drop_labels(run.labels[idx], cfg.label_dropout, cfg.num_classes, run.gen)
     with run.autocast():
-        pred = run.forward(xin, tin)  # type: ignore[misc]
+        pred = run.forward(xin, tin, **kw)  # type: ignore[misc]
     per = (pred.float() - target).square().flatten(1).mean(1)
     loss = (w * per).mean()
     opt.zero_grad(set_to_none=True)

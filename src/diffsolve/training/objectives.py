@@ -1,4 +1,5 @@
-"""What a training step regresses: the process, training times, and (input, time, target, weight) per objective.
+"""What a training step regresses: the process, training times, and (input, time, target, weight) per objective;
+for class-conditional runs, the labels with label dropout (the null label trains the unconditional branch).
 
 The target and the loss weight come from the parameterisation table: ``from_x0_eps`` gives the target,
 ``x0_gain`` (|d x0 / d output|) the EDM loss weight, and ``preconditioned`` selects EDM's network input.
@@ -95,3 +96,12 @@ def training_pair(cfg: TrainConfig, proc: NoiseProcess, model_time: str, x0: Ten
         if cfg.loss_weighting == "edm":
             weight = edm_loss_weight(param, proc, t, a64.flatten(), s64.flatten(), sve, sd)
     return xin, tin.to(dev, torch.float32), target, weight.to(dev, torch.float32)
+
+
+def drop_labels(labels: Tensor, p: float, null_label: int, gen: torch.Generator) -> Tensor:
+    """``labels`` [B] with each entry replaced by ``null_label`` with probability ``p`` (independently; the
+    draws come from ``gen``, on the CPU, so a run's labels are reproducible and resume exactly)."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], generator=gen, dtype=torch.float64) < p
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)

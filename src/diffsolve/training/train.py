@@ -7,6 +7,13 @@ process range (integer timesteps for VPDiscrete) or log-normally in sigma/alpha 
 default for EDM and VE).  ``loss_weighting='edm'`` weights every objective so that the loss equals
 EDM's lambda(sigma) * ||x0_hat - x0||^2.
 
+Class-conditional models for classifier-free guidance (Ho & Salimans 2022): ``num_classes = K`` trains on
+the dataset's labels (``diffsolve.util.datasets.load_labels``: 'digits', 'mnist'; or ``train(cfg, data,
+labels)``), replacing each by the null label K with probability ``label_dropout`` (default 0.1), so one
+network learns both the conditional and the unconditional model.  Sample the result with
+``ds.ClassifierFreeGuidance(ds.load(path), w, {"class_labels": torch.tensor([K])})`` and
+``model_kwargs={"class_labels": y}``; the model config records ``num_classes`` and ``null_label``.
+
 AdamW with linear warm-up (constant or cosine after), gradient clipping, EMA with a warm-up
 (decay_k = min(ema_decay, (1 + k) / (10 + k)), so short runs do not lag), optional bf16 autocast
 and ``torch.compile(dynamic=False)``, a tqdm bar with loss and it/s, periodic sample grids (PNG,
@@ -61,6 +68,7 @@ from .loop import (
 )
 from .objectives import (
     default_time_scale,
+    drop_labels,
     edm_loss_weight,
     make_process,
     resolved_model_time,
@@ -72,18 +80,19 @@ __all__ = ["TrainConfig", "OBJECTIVES", "objective_parameterisation", "train", "
            "build_parser", "config_from_args", "main", "make_process", "resolved_model_time", "default_time_scale",
            "sample_times", "edm_loss_weight", "lr_at", "ema_decay_at", "DataOrder", "latest_checkpoint",
            "STATE_FILE", "ONLINE_FILE", "TrainingRun", "setup", "model_config", "resume", "prepare",
-           "save_checkpoint", "sample_grid", "run_steps", "export"]
+           "save_checkpoint", "sample_grid", "run_steps", "export", "drop_labels"]
 
 Tensor = torch.Tensor
 
 
-def train(config: TrainConfig, data: Optional[Tensor] = None) -> Path:
+def train(config: TrainConfig, data: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Path:
     """Train (or resume) a model; returns the folder of the final EMA model (``ds.load``-able).
 
-    ``data`` (float [N, C, H, W] in [-1, 1]) overrides ``config.dataset`` for in-memory data.
+    ``data`` (float [N, C, H, W] in [-1, 1]) overrides ``config.dataset`` for in-memory data; ``labels``
+    (int [N] in 0..num_classes-1) are its class labels for a class-conditional run (``num_classes > 0``).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
-    run = setup(cfg, data)
+    run = setup(cfg, data, labels)
     start = resume(run)
     prepare(run)
     step = run_steps(run, start)
@@ -117,6 +126,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
                    help="self-attention at the lowest resolution (default on)")
     p.add_argument("--dropout", type=float)
+    p.add_argument("--num-classes", type=int,
+                   help="class-conditional on the dataset's labels 0..K-1 (digits, mnist: 10); 0: unconditional "
+                        f"(default {d.num_classes})")
+    p.add_argument("--label-dropout", type=float,
+                   help=f"probability of training with the null label, for classifier-free guidance "
+                        f"(default {d.label_dropout})")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

