@@ -213,3 +213,12 @@ def test_ddrm_posterior_mean_and_its_variance_deficit():
             assert torch.all((x.mean(0) - post.mean()).abs() < 4 * (var / x.shape[0]).sqrt())
         ratios.append(float((x.var(0) / var).mean()))
     assert 1.05 > ratios[0] > ratios[1] > ratios[2] > 0.3, ratios
+
+
+@pytest.mark.parametrize("method", sorted(set(methods())))
+def test_every_method_runs_within_its_budget(method):
+    prior, op, y, sy = _mixture_problem(d=8, m=3)
+    x, info = sample(prior.denoiser(PROC), op, y, sy, method=method, nfe=40, n=8, prior=prior)
+    assert x.shape == (8, 8) and torch.isfinite(x).all()
+    assert info.nfe_equivalents <= 40 and info.evaluations >= 2
+    assert info.nfe_equivalents == info.nfe + 2 * info.vjps

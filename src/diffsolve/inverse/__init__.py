@@ -3,6 +3,7 @@ posterior-guidance methods behind one entry point (``sample``, ``methods``)."""
 from .api import METHODS, InverseInfo, guided_model, methods, sample
 from .exact import ExactPosterior
 from .methods.ddrm import DDRM
+from .methods.diffpir import DiffPIR
 from .methods.dps import DPS
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
@@ -12,4 +13,4 @@ from .methods.tmpd import TMPD
 from .operators import AvgPool, Dense, Function, GaussianBlur, Identity, Mask, Operator
 
 __all__ = ["sample", "methods", "guided_model", "METHODS", "InverseInfo", "ExactPosterior", "Operator", "Identity",
-           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "Oracle"]
+           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "Oracle"]

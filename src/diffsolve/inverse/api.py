@@ -22,6 +22,7 @@ from ..solvers.state import Noise
 from ..util import seeding
 from .exact import ExactPosterior, Prior, check_measurement
 from .methods.ddrm import DDRM
+from .methods.diffpir import DiffPIR
 from .methods.dps import DPS
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
@@ -51,6 +52,7 @@ METHODS: Dict[str, Method] = {
     "mmps": Method(MMPS, lambda o: int(o.get("iterations", 3)) + 1, {"iterations": 3},
                    "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
     "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),
+    "diffpir": Method(DiffPIR, lambda o: 0, {"lam": 1.0}, "DiffPIR: prox of the data term at x0_hat (Zhu et al. 2023)"),
     "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5},
                   "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
