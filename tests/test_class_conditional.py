@@ -260,3 +260,13 @@ def test_guidance_batches_both_branches(model_dir):
     g1 = ds.sample(ds.ClassifierFreeGuidance(den, 1.0, {"class_labels": torch.tensor([null])}), noise, "ddim", nfe=4,
                    model_kwargs=kw)
     assert torch.equal(g1, cond) and not torch.allclose(g3, cond)
+
+
+def test_heldout_split_is_class_balanced_and_disjoint():
+    from diffsolve.util.datasets import load_dataset, load_labels
+
+    full = load_dataset("digits")
+    tr, ho = load_dataset("digits-train"), load_dataset("digits-heldout")
+    assert tr.shape[0] + ho.shape[0] == full.shape[0] and torch.equal(ho, full[::10])
+    assert torch.equal(load_labels("digits-heldout"), load_labels("digits")[::10])
+    assert torch.equal(tr, full[torch.arange(full.shape[0]) % 10 != 0])

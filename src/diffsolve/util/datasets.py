@@ -13,6 +13,11 @@ Class labels (for class-conditional models): ``load_labels(name, limit)`` gives 
 the images ``load_dataset(name, limit)`` returns, in the same order, for the datasets that have them
 (``LABELLED``: 'digits' and 'mnist', ten classes each).  The bundled MNIST images are sorted by class
 (500 per digit), so ``limit`` below 5000 drops whole classes there.
+
+Held-out splits: ``"mnist-train"`` / ``"mnist-heldout"`` (and ``"digits-train"`` / ``"digits-heldout"``) split the
+bundled set deterministically: every image whose index is a multiple of 10 is held out (500 MNIST images, 50 of
+each digit; 180 of the digits), the rest is the training split.  Models trained on a ``-train`` split can be
+evaluated on images they never saw (e.g. the ground truths of inverse problems).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import torch
 
 Tensor = torch.Tensor
 BUILTIN = ("digits", "mnist")
+SPLITS = ("train", "heldout")
+HELDOUT_EVERY = 10  # image i is held out when i % 10 == 0
 #: datasets with class labels, and their number of classes
 LABELLED = {"digits": 10, "mnist": 10}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -40,10 +47,11 @@ def load_dataset(name: Union[str, Path], limit: Optional[int] = None,
         image_size: (folders only) resize every image to this size (int or (H, W)).
     """
     key = str(name)
-    if key == "digits":
-        x = _digits()
-    elif key == "mnist":
-        x = _mnist()
+    base, split = _split_name(key)
+    if base == "digits":
+        x = _split(_digits(), split)
+    elif base == "mnist":
+        x = _split(_mnist(), split)
     else:
         path = Path(key).expanduser()
         if not path.exists():
@@ -65,10 +73,11 @@ def load_labels(name: Union[str, Path], limit: Optional[int] = None) -> Tensor:
     """The class labels (int64 [N], values 0 .. ``LABELLED[name]`` - 1) of ``load_dataset(name, limit)``,
     aligned with its images.  ValueError for a dataset without labels (folders, ``.npy`` files)."""
     key = str(name)
-    if key == "digits":
-        y = _digits_labels()
-    elif key == "mnist":
-        y = _mnist_labels()
+    base, split = _split_name(key)
+    if base == "digits":
+        y = _split(_digits_labels(), split)
+    elif base == "mnist":
+        y = _split(_mnist_labels(), split)
     else:
         raise ValueError(f"dataset {key!r} has no class labels; labels come with {tuple(LABELLED)} "
                          "(for other data, pass the labels yourself)")
@@ -77,6 +86,22 @@ def load_labels(name: Union[str, Path], limit: Optional[int] = None) -> Tensor:
             raise ValueError("limit must be >= 1")
         y = y[:limit]
     return y.contiguous()
+
+
+def _split_name(key: str) -> Tuple[str, Optional[str]]:
+    """('mnist', 'train') for 'mnist-train'; (key, None) for anything else."""
+    for b in BUILTIN:
+        for sp in SPLITS:
+            if key == f"{b}-{sp}":
+                return b, sp
+    return key, None
+
+
+def _split(v: Tensor, split: Optional[str]) -> Tensor:
+    if split is None:
+        return v
+    held = torch.arange(v.shape[0]) % HELDOUT_EVERY == 0
+    return v[held] if split == "heldout" else v[~held]
 
 
 def dataset_info(x: Tensor) -> dict:
