@@ -53,7 +53,7 @@ METHODS: Dict[str, Method] = {
                    "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
     "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),
     "diffpir": Method(DiffPIR, lambda o: 0, {"lam": 1.0}, "DiffPIR: prox of the data term at x0_hat (Zhu et al. 2023)"),
-    "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5},
+    "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5, "full": True},
                   "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
                    "DDRM: spectral DDIM in the operator's SVD (Kawar et al. 2022)", loop=True),

@@ -5,6 +5,8 @@ p(x0 | y) exactly as N grows, whatever the twist's error.  With the twist
 p~_t(y | x_t) = N(y; A x0_hat(x_t), (sigma_y^2 + tau_t^2) I), tau_t^2 = kappa v s_t^2 / (v + s_t^2) (s_t the VE
 noise level; with kappa = 1, the posterior variance of x0 for isotropic data of variance v):
 
+(``full=True``, linear operators: covariance sigma_y^2 I + tau_t^2 A A^T instead of the isotropic one);
+
 * proposal: the DDPM step from x_t with x0_hat replaced by x0_hat + gamma_t grad log p~_t(y | x_t);
 * weight:   w *= p(x_s | x_t) p~_s(y | x_s) / (q(x_s | x_t, y) p~_t(y | x_t)), and at the end the twist is
   replaced by the exact likelihood N(y; A x0, sigma_y^2 I) of the clean particles;
@@ -49,7 +51,7 @@ class TDS:
     name = "tds"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, kappa: float = 1.0,
-                 data_var: float = 1.0, ess: float = 0.5):
+                 data_var: float = 1.0, ess: float = 0.5, full: bool = True):
         from ..exact import check_measurement
 
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
@@ -59,6 +61,8 @@ class TDS:
         if kappa < 0 or data_var <= 0:
             raise ValueError("kappa must be >= 0 and data_var > 0")
         self.kappa, self.data_var, self.ess = float(kappa), float(data_var), float(ess)
+        # full: the twist's covariance sigma_y^2 I + tau_t^2 A A^T (in A's SVD; linear operators), else isotropic
+        self.svd = op.svd() if (full and op.linear) else None
         self.nfe = self.vjps = self.resamplings = 0
 
     def _twist(self, x: Tensor, t: float, a: float, s: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -71,7 +75,18 @@ class TDS:
             if not x0.requires_grad:
                 raise TypeError("tds needs gradients through the model, but its x0 prediction has no graph")
             r = (self.y.to(x0.dtype) - self.op.forward(x0)).flatten(1)
-            logp = -0.5 * (r * r).sum(1) / var - 0.5 * r.shape[1] * math.log(2 * math.pi * var)
+            if self.svd is None:
+                logp = -0.5 * (r * r).sum(1) / var - 0.5 * r.shape[1] * math.log(2 * math.pi * var)
+            else:  # eigenvalues sigma_y^2 + tau^2 s_i^2 along U's columns, sigma_y^2 on their complement
+                U, S, _ = self.svd
+                tau2 = var - self.sigma_y**2
+                ev = self.sigma_y**2 + tau2 * S**2
+                ru = r @ U
+                rest = (r * r).sum(1) - (ru * ru).sum(1)
+                m, k = r.shape[1], S.numel()
+                sy2 = max(self.sigma_y**2, 1e-300)
+                logp = -0.5 * ((ru * ru / ev).sum(1) + (rest / sy2 if m > k else 0.0) + torch.log(ev).sum()
+                               + (m - k) * math.log(sy2) + m * math.log(2 * math.pi))
             (g,) = torch.autograd.grad(logp.sum(), xg)
         self.nfe += 1
         self.vjps += 1
