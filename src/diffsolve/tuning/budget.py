@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..adapters.denoiser import Model as Denoiser
-from ..grids import explicit, from_unit, make_grid, validate_times
+from ..grids import SPACINGS, explicit, from_unit, make_grid, validate_times
 from ..sampling import sample
 from ..solvers.dpm_v3_stats import Statistics
 from .evolution import evolve_points, free_points, grid_times
@@ -21,6 +21,95 @@ from .profile import DT, Entry
 Tensor = torch.Tensor
 DEFAULT_START = ("dpm++2m", "logsnr", "denoise")  # what ds.sample does without options
 NAMED_SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "five-step")
+
+
+# ----------------------------------------------------------------------------------------
+# the peers' configurations that our solvers compute (docs/tuner_space.md)
+# ----------------------------------------------------------------------------------------
+#: the peers' grids, in screening order: diffusers' index spacings (``timestep_spacing``), Karras sigmas and
+#: uniform log-SNR (diffusers' ``use_lu_lambdas`` / ``use_exponential_sigmas``, k-diffusion's exponential sigmas)
+PEER_SPACINGS = ("linspace", "trailing", "karras", "logsnr", "leading")
+INDEX_SPACINGS = ("linspace", "leading", "trailing")  # discrete processes only
+
+
+@dataclass(frozen=True)
+class PeerEquivalent:
+    """A peer sampler (a family of ``diffsolve.bench.peers``) that our ``solver`` with ``options`` computes
+    (the bench's parity pairs match them), on the peer's grids ``spacings`` with the last-step rules ``finals``
+    ('t_min': the peer's ``final_sigmas_type='sigma_min'``, 'denoise': its ``'zero'``, the jump to clean data).
+
+    ``lof_below_15``: the peer lowers the order of its final steps only below 15 steps (diffusers'
+    DPMSolverMultistep); ``logsnr_name``: what the peer calls its uniform log-SNR grid."""
+
+    peer: str
+    solver: str
+    options: Dict[str, Any] = field(default_factory=dict)
+    spacings: Tuple[str, ...] = PEER_SPACINGS
+    finals: Tuple[str, ...] = ("t_min", "denoise")
+    lof_below_15: bool = False
+    logsnr_name: str = "lu"
+
+    def variant(self, spacing: str, final: str) -> str:
+        """The peer's name of the configuration (as the bench's rows name it)."""
+        g = self.logsnr_name if spacing == "logsnr" else spacing
+        return f"{self.peer} {g}/{'sigma_min' if final == 't_min' else 'zero'}"
+
+    def options_for(self, nfe: int) -> Dict[str, Any]:
+        o = dict(self.options)
+        if self.lof_below_15 and nfe >= 15:  # our automatic rule could lower the order there
+            o["lower_order_final"] = False
+        return o
+
+
+#: Every configuration of UniPC (bh1, bh2; orders 2 and 3) and DPM-Solver++ (2M, 3M) that the bench runs for the
+#: peers, plus the same solvers on the grids it runs for other peers (leading; trailing and log-SNR at order 3),
+#: in screening order (the order-3 methods first).
+#: (diffusers' UniPC bh1 returns NaN on its steps to sigma = 0, B(h) = -h = -inf: only its sigma_min variants run.)
+PEER_EQUIVALENTS: Tuple[PeerEquivalent, ...] = (
+    PeerEquivalent("diffusers UniPC bh2 order 3", "unipc-bh2", {"order": 3}, logsnr_name="exponential"),
+    PeerEquivalent("diffusers UniPC bh1 order 3", "unipc-bh1", {"order": 3}, finals=("t_min",),
+                   logsnr_name="exponential"),
+    PeerEquivalent("diffusers DPMSolverMultistep dpmsolver++ 3M", "dpm++3m", {"taylor3": False}, lof_below_15=True),
+    PeerEquivalent("k-diffusion dpmpp_3m_sde (eta=0)", "dpm++3m",
+                   {"taylor3": False, "taylor2": True, "lower_order_final": False}, ("karras", "logsnr"),
+                   ("denoise",), logsnr_name="exponential"),
+    PeerEquivalent("diffusers UniPC bh2 order 2", "unipc-bh2", {}, logsnr_name="exponential"),
+    PeerEquivalent("diffusers UniPC bh1 order 2", "unipc-bh1", {}, finals=("t_min",), logsnr_name="exponential"),
+    PeerEquivalent("diffusers DPMSolverMultistep dpmsolver++ 2M", "dpm++2m", {}, lof_below_15=True),
+    # k-diffusion's 2M never lowers its order, but before the jump to clean data the order of 2M's last step
+    # does not matter: these are the diffusers 2M candidates on the same grids (spelled alike, screened once)
+    PeerEquivalent("k-diffusion dpmpp_2m", "dpm++2m", {}, ("karras", "logsnr"), ("denoise",), lof_below_15=True,
+                   logsnr_name="exponential"),
+)
+#: a peer-equivalent is searched when the tuner searches a solver of its family
+SOLVER_FAMILY = {"unipc-bh1": "unipc", "unipc-bh2": "unipc", "dpm++2m": "dpm++", "dpm++3m": "dpm++"}
+#: Screening every peer-equivalent on the screening set may take this share of an NFE budget's time; beyond it they
+#: are pre-screened on the first ``n_pre`` (>= PEER_MIN_PRESCREEN) calibration samples and the best PEER_PROMOTE go
+#: on to the screening set (``BudgetSearch.screen``).
+PEER_SHARE = 0.1
+PEER_PROMOTE = 6
+PEER_MIN_PRESCREEN = 16
+
+
+def peer_times(process, spacing: str, nfe: int, final: str) -> Tensor:
+    """The grid of a one-evaluation-per-step peer with ``nfe`` steps on ``spacing``, as the peer lays it: the
+    ``nfe`` evaluation times, then t_min for ``final='t_min'``.
+
+    * 'linspace' / 'leading': diffusers' multistep schedulers lay ``nfe + 1`` index points ending at 0 and drop
+      the 0 (``SPACINGS[spacing](process, nfe + 1)[:-1]``); 'trailing': ``nfe`` points from N - 1
+      (``SPACINGS['trailing'](process, nfe)``).  Integer timesteps: these are the peers' grids exactly.
+    * 'karras' / 'logsnr': ``nfe`` (denoise) or ``nfe + 1`` (t_min) points of our spacing: k-diffusion's Karras and
+      exponential sigmas exactly; diffusers' Karras and lu / exponential sigmas up to the rounding of their
+      timesteps (its sigma_min variants end with an evaluation at sigma_min that does not advance the state;
+      here that evaluation buys one more grid point instead).
+    """
+    if spacing not in INDEX_SPACINGS:
+        return make_grid(process, nfe + 1 if final == "t_min" else nfe, spacing, "t_min").t
+    fn = SPACINGS[spacing]
+    ev = fn(process, nfe) if spacing == "trailing" else fn(process, nfe + 1)[:-1]
+    if final == "t_min":
+        ev = torch.cat([ev, torch.tensor([process.t_min], dtype=DT)])
+    return ev.to(DT)
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,6 +195,40 @@ def _named(process, solver: str, nfe: int, spacing: str, final: str) -> Candidat
     n_pts, _ = _n_points(solver, nfe, final)
     t = make_grid(process, n_pts, spacing, "t_min").t
     return Candidate(solver, t, final, {}, f"{spacing}/{final}")
+
+
+def _options_label(options: Dict[str, Any]) -> str:
+    return " " + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
+
+
+def peer_candidates(process, nfe: int, solvers: Sequence[str]) -> List[Tuple[Candidate, str]]:
+    """The peer-equivalent candidates of an NFE budget, in screening order (final, then spacing, then
+    ``PEER_EQUIVALENTS`` order), each with the peer configuration it reproduces: every ``PEER_EQUIVALENTS``
+    entry whose solver family (``SOLVER_FAMILY``) is among ``solvers``, on each of its spacings and last steps
+    that the process allows (the index spacings need a discrete process) and that spends exactly ``nfe``.
+    Several peers may share one candidate (the same solver, options and times): it appears once per peer."""
+    families = {SOLVER_FAMILY.get(s) for s in solvers} - {None}
+    out: List[Tuple[Candidate, str]] = []
+    for final in ("t_min", "denoise"):
+        for spacing in PEER_SPACINGS:
+            for pe in PEER_EQUIVALENTS:
+                if SOLVER_FAMILY[pe.solver] not in families or spacing not in pe.spacings or final not in pe.finals:
+                    continue
+                n_pts, used = _n_points(pe.solver, nfe, final)
+                if used != nfe:
+                    continue
+                try:
+                    t = peer_times(process, spacing, nfe, final)
+                    validate_times(process, t)
+                except ValueError:  # an index spacing on a continuous process, a budget the grid cannot hold
+                    continue
+                if t.numel() != n_pts:
+                    continue
+                opts = pe.options_for(nfe)
+                grid = f"diffusers-{spacing}" if spacing in INDEX_SPACINGS else spacing
+                label = f"{pe.solver} {grid}/{final}{_options_label(opts)}"
+                out.append((Candidate(pe.solver, t, final, opts, label), pe.variant(spacing, final)))
+    return out
 
 
 class _Clock:
@@ -305,7 +428,9 @@ class BudgetSearch:
     Two objectives guide the search (see ``_Search``): the RMSE, which rare mode switches of a few samples
     dominate, and the 'bulk' (trimmed) RMSE of the typical sample.  Screening, a pattern search over the grid
     family, the solver options and an evolutionary polish run for both; the best few of each (structurally
-    diverse) become finalists, scored on the whole calibration set, and ``_choose`` picks one.
+    diverse) become finalists, scored on the whole calibration set, and ``_choose`` picks one -- never one with a
+    larger calibration RMSE than the default's, the best named spacing's or the best peer-equivalent's
+    (``PEER_EQUIVALENTS``: the peers' configurations that our solvers compute, screened right after the default).
 
     When the full calibration set is too expensive to search on, screening runs on a random subset; then a few
     diverse screened candidates ("probes") run on the full set, every sample with an outlying error under a probe
@@ -355,29 +480,56 @@ class BudgetSearch:
         return out
 
     def candidates(self) -> None:
-        """The default, the named spacings and the grid family's lattice, in priority order (a slow machine
-        screens only the first ones)."""
+        """The default, the peer-equivalents (``peer_candidates``), the named spacings and the grid family's
+        lattice, in priority order (a slow machine screens only the first ones)."""
         proc, nfe, solvers = self.proc, self.nfe, self.solvers
         fam_core = [(0.5, 0.7), (0.45, 0.55), (0.6, 0.8), (0.4, 0.55)]
         fam_rest = [(ue, w) for ue in (0.35, 0.45, 0.55, 0.65, 0.75, 0.9) for w in (0.45, 0.6, 0.75, 0.9, 1.15)]
         self.default = _named(proc, DEFAULT_START[0], nfe, DEFAULT_START[1], DEFAULT_START[2]).with_(label="default")
+        self.peer_of: Dict[tuple, str] = {}  # candidate key -> the peer configurations it reproduces
+        self.peers: List[Candidate] = []
+        for c, variant in peer_candidates(proc, nfe, solvers):
+            if c.key in self.peer_of:
+                self.peer_of[c.key] += "; " + variant
+            else:
+                self.peer_of[c.key] = variant
+                self.peers.append(c)
         self.named = [_named(proc, s, nfe, sp, fi).with_(label=f"{s} {sp}/{fi}")
                       for s in solvers for sp in NAMED_SPACINGS for fi in ("t_min", "denoise")]
         core = [c for s in solvers for c in self.family(s, fam_core)]
         # with statistics, the statistics-free solvers get the family's core only (they never win there)
         rest = [c for s in solvers if s == "dpm-v3" or not self.has_v3 for c in self.family(s, fam_rest)]
-        self.cands = core + self.named + rest
+        seen = {self.default.key}
+        self.cands = []
+        for c in self.peers + core + self.named + rest:  # each configuration once (a named grid may be a peer's)
+            if c.key not in seen:
+                seen.add(c.key)
+                self.cands.append(c)
+        others = {c.key for c in core + self.named + rest} | {self.default.key}
+        self.peer_only = {c.key for c in self.peers} - others  # screened only as peer-equivalents
+        self.phases["peer_equivalents"] = len(self.peers)
 
     def size(self) -> None:
         """The finalists' reserve, the probes and the screening subset, from the measured cost of a run."""
         runner, N, nfe, budget = self.runner, self.N, self.nfe, self.budget
         self.full_cost = full_cost = runner.cost(N, nfe)
         k_final = 3
-        while k_final > 1 and (2 * k_final + 2) * full_cost > 0.35 * budget:
+        fixed = 3  # finalists besides the diverse ones: the default, the best named and the best peer-equivalent
+        while k_final > 1 and (2 * k_final + fixed) * full_cost > 0.35 * budget:
             k_final -= 1
+        n_peer = len(self.peer_only)
+        n_other = len(self.cands) - n_peer + min(n_peer, PEER_PROMOTE)
         n_screen = N
-        while n_screen > 64 and len(self.cands) * runner.cost(n_screen, nfe) > 0.3 * budget:
+        while n_screen > 64 and n_other * runner.cost(n_screen, nfe) > 0.3 * budget:
             n_screen = max(64, n_screen // 2)
+        n_pre = 0  # the peer-equivalents' pre-screening subset (0: none, they are all screened)
+        if n_peer > PEER_PROMOTE and n_peer * runner.cost(n_screen, nfe) > PEER_SHARE * budget:
+            n_pre = n_screen // 2
+            while n_pre > PEER_MIN_PRESCREEN and n_peer * runner.cost(n_pre, nfe) > PEER_SHARE * budget:
+                n_pre //= 2
+            n_pre = max(n_pre, PEER_MIN_PRESCREEN)
+            n_pre = n_pre if n_pre < n_screen else 0
+        self.n_pre = n_pre
         self.stratified = n_screen < N
         n_probe = 0
         if self.stratified:
@@ -385,18 +537,36 @@ class BudgetSearch:
             while n_probe > 1 and n_probe * full_cost > 0.15 * budget:
                 n_probe -= 1
         self.k_final, self.n_screen, self.n_probe = k_final, n_screen, n_probe
-        self.reserve = (2 * k_final + 2) * full_cost if self.stratified else 0.0
+        self.reserve = (2 * k_final + fixed) * full_cost if self.stratified else 0.0
 
     def screen(self) -> None:
+        """Every candidate on the screening set, in order (the default, the peer-equivalents, ...), until the
+        time is spent.  When screening all peer-equivalents would take over ``PEER_SHARE`` of the time
+        (``size``), they are first pre-screened on ``n_pre`` samples and only the best ``PEER_PROMOTE`` of them
+        go on (with those that are also named or family candidates)."""
         from tqdm.auto import tqdm
 
         S = self.S
         if self.stratified:
             S.set_work(self.cal.subset(self.n_screen))
-        b = tqdm(total=len(self.cands), desc=f"NFE {self.nfe}: screening on {self.n_screen}", unit="cand",
-                 leave=False, disable=not self.progress, dynamic_ncols=True)
         S.score(self.default)
-        for c in self.cands:
+        cands = self.cands
+        if self.n_pre:
+            pre, ranked = self.cal.subset(self.n_pre), []
+            for c in cands:
+                if c.key not in self.peer_only:
+                    continue
+                if self.stop() and S.evaluations >= 2:
+                    break
+                d2 = S._run(c, pre)
+                ranked.append((math.inf if d2 is None else _objective(d2, self.metric), c))
+            ranked.sort(key=lambda r: r[0])
+            keep = {c.key for v, c in ranked[:PEER_PROMOTE] if math.isfinite(v)}
+            cands = [c for c in cands if c.key not in self.peer_only or c.key in keep]
+            self.phases.update(peer_prescreen_n=self.n_pre, peer_prescreened=len(ranked))
+        b = tqdm(total=len(cands), desc=f"NFE {self.nfe}: screening on {self.n_screen}", unit="cand",
+                 leave=False, disable=not self.progress, dynamic_ncols=True)
+        for c in cands:
             if self.stop() and S.evaluations >= 2:
                 break
             S.score(c)
@@ -404,6 +574,7 @@ class BudgetSearch:
             b.set_postfix(best=f"{S.best()[0]:.4g}")
         b.close()
         self.phases["screened"] = S.evaluations
+        self.phases["peer_screened"] = sum(c.key in S.d2 for c in self.peers)
 
     def stratify(self) -> None:
         """Probes on the full set, then the stratified working set (the at-risk samples + a random part)."""
@@ -506,9 +677,25 @@ class BudgetSearch:
                     np.random.default_rng(self.seed + self.nfe + j))
         self.phases["evolution"] = S.evaluations - n1
 
+    def best_peer(self) -> Optional[Candidate]:
+        """The best peer-equivalent on the whole calibration set among the leaders of the rankings it was screened
+        on (the working set's and, stratified, the screening subset's) and those already scored on the whole set."""
+        S = self.S
+        picks: Dict[tuple, Candidate] = {}
+        for ranking in (S.ranked_all("rmse"), S.previous["rmse"]):
+            c = next((c for v, c in ranking if c.key in self.peer_of and math.isfinite(v)), None)
+            if c is not None:
+                picks.setdefault(c.key, c)
+        for v, d2, c in list(S.full_scores.values()):
+            if c.key in self.peer_of and math.isfinite(v):
+                picks.setdefault(c.key, c)
+        scored = [(S.score_full(c)[0], c) for c in picks.values()]
+        scored = [(v, c) for v, c in scored if math.isfinite(v)]
+        return min(scored, key=lambda r: r[0])[1] if scored else None
+
     def finalists(self) -> List[Candidate]:
-        """The best (diverse) of both objectives, the probes, the default and the best named-spacing
-        configuration; scored on the whole calibration set (``self.full``, ``self.d2s``)."""
+        """The best (diverse) of both objectives, the probes, the default, the best named-spacing configuration
+        and the best peer-equivalent; scored on the whole calibration set (``self.full``, ``self.d2s``)."""
         S = self.S
         finalists = _diverse(S.ranked_all("rmse"), self.k_final, set())
         finalists += _diverse(S.ranked_all("bulk"), self.k_final, {c.key for c in finalists})
@@ -517,10 +704,11 @@ class BudgetSearch:
             if c.key not in seen and c.label != "default":
                 finalists.append(c)
                 seen.add(c.key)
-        named_labels = {n.label for n in self.named}
-        self.best_named = next((c for v, c in S.ranked_all("rmse") if c.label in named_labels and math.isfinite(v)),
+        named_keys = {n.key for n in self.named}
+        self.best_named = next((c for v, c in S.ranked_all("rmse") if c.key in named_keys and math.isfinite(v)),
                                None)
-        for c in (self.default, self.best_named):
+        self.best_peer_equivalent = self.best_peer()
+        for c in (self.default, self.best_named, self.best_peer_equivalent):
             if c is not None and c.key not in seen:
                 finalists.append(c)
                 seen.add(c.key)
@@ -532,16 +720,17 @@ class BudgetSearch:
 
     def choose(self, finalists: List[Candidate]) -> Candidate:
         self.final_list = finalists
-        chosen = _choose(finalists, self.full, self.d2s, [self.default, self.best_named])
+        chosen = _choose(finalists, self.full, self.d2s, [self.default, self.best_named, self.best_peer_equivalent])
         _, used = _n_points(chosen.solver, self.nfe, chosen.final)
         if used != self.nfe:
             raise RuntimeError(f"internal: the chosen grid uses {used} NFE, not {self.nfe}")
         return chosen
 
     def evaluate(self, chosen: Candidate) -> Dict[str, Tuple[float, float]]:
-        """(RMSE, median) on the evaluation noise of the choice and both baselines -- never used to choose."""
+        """(RMSE, median) on the evaluation noise of the choice and the baselines -- never used to choose."""
         ev_err = {}
-        for name, c in (("tuned", chosen), ("default", self.default), ("best_named", self.best_named)):
+        for name, c in (("tuned", chosen), ("default", self.default), ("best_named", self.best_named),
+                        ("best_peer_equivalent", self.best_peer_equivalent)):
             if c is None:
                 continue
             x = self.runner.run(c, self.ev.noise, self.nfe)
@@ -559,6 +748,10 @@ class BudgetSearch:
         if best_named is not None:
             base["best_named"] = {"label": best_named.label, "calib_error": full[best_named.key],
                                   "eval_error": ev_err["best_named"][0]}
+        peer = self.best_peer_equivalent
+        if peer is not None:
+            base["best_peer_equivalent"] = {"label": peer.label, "peer": self.peer_of[peer.key],
+                                            "calib_error": full[peer.key], "eval_error": ev_err["best_peer_equivalent"][0]}
         finalists = self.final_list
         search = {"evaluations": self.S.evaluations, "phases": self.phases, "screen_n": self.n_screen,
                   "calib_n": self.N,

@@ -16,6 +16,10 @@ What is searched, per NFE budget (``method``):
 * ``'v3'``: DPM-Solver-v3 with empirical model statistics of this model (``tuning.statistics.compute_statistics`` on
   ``data``), ``'grids'``: the statistics-free multistep solvers (UniPC-bh2, DPM-Solver++(3M)),
   ``'auto'`` (default): both (v3 only when statistics can be had).
+* the peers' configurations that our solvers compute (``budget.PEER_EQUIVALENTS``, docs/tuner_space.md): UniPC
+  bh1/bh2 orders 2 and 3 and DPM-Solver++(2M/3M) on diffusers' linspace / leading / trailing timesteps, Karras and
+  log-SNR grids, both last steps, screened right after the default (pre-screened on fewer samples when screening
+  them all would take over ``budget.PEER_SHARE`` of the time); the best of them is always a finalist.
 * the grids: the named spacings (log-SNR, quadratic, Karras, five-step) with both last-step rules, and a
   two-parameter family -- ``n`` evaluations power-spaced in log-SNR from the start up to a free end point
   ``u_end``, then one last step to ``t_min`` -- scanned on a coarse (u_end, warp) lattice; the best point is
@@ -24,8 +28,8 @@ What is searched, per NFE budget (``method``):
   (AutoDiffusion-style, the moves of ``schedules.evolve``) polishes it until the NFE's time share is spent.
 * screening and refining run on a subset of the calibration noise when the full set is too expensive; the
   final choice is made on the *whole* calibration set among the best few candidates, the library default
-  (``dpm++2m``, log-SNR, denoise) and the best named-spacing configuration, so the tuned error on
-  calibration is never above the starting configuration's.
+  (``dpm++2m``, log-SNR, denoise), the best named-spacing configuration and the best peer-equivalent, so the
+  tuned error on calibration is never above any of theirs.
 
 Time: ``time_budget_s`` (default 270 s) bounds the whole run.  The calibration size, the statistics' K and
 lambda points, the screening subset and the search length are derived from the measured cost of one network
@@ -124,7 +128,8 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         out: write the profile there (``.json`` + ``.safetensors``).
         metric: the calibration objective: 'rmse' (default; the reported error), 'trimmed' (worst 1% of the
             samples dropped) or 'median' (median per-sample RMSE).
-        solvers: the statistics-free solvers to consider (default unipc-bh2, dpm++3m).
+        solvers: the statistics-free solvers to consider (default unipc-bh2, dpm++3m); the peer-equivalents of
+            their families (UniPC, DPM-Solver++) are searched with them.
         stats_K / stats_n_lambda: v3 statistics size (default: by the time budget, K 128..1024).
         batch_size: network batch (default: the fastest per sample, measured).
         model_kwargs: fixed network keyword arguments (e.g. a class label for every sample).
@@ -300,7 +305,7 @@ def _search_budgets(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfes: L
     """One ``BudgetSearch`` per NFE budget; the time left (less the evaluation runs' reserve) is shared in
     proportion to sqrt(NFE): a run costs ~NFE, but the small budgets gain most from a longer search."""
     n_total = sum(nfes)
-    reserve_eval = 3 * len(ev) * n_total * tau * 1.3  # tuned + two baselines on the evaluation set
+    reserve_eval = 4 * len(ev) * n_total * tau * 1.3  # tuned + three baselines on the evaluation set
     entries: Dict[int, Entry] = {}
     outer = _bar(len(nfes), "tuning", "NFE budget", progress)
     for j, nfe in enumerate(nfes):
@@ -313,7 +318,8 @@ def _search_budgets(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfes: L
         outer.update(1)
         say(f"NFE {nfe}: {e.describe()}  calib {fmt(e.calib_error)} (default {fmt(e.baselines['default']['calib_error'])})"
             f"  eval {fmt(e.eval_error)} (default {fmt(e.baselines['default'].get('eval_error'))}, best named "
-            f"{fmt(e.baselines.get('best_named', {}).get('eval_error'))})")
+            f"{fmt(e.baselines.get('best_named', {}).get('eval_error'))}, best peer-equivalent "
+            f"{fmt(e.baselines.get('best_peer_equivalent', {}).get('eval_error'))})")
     outer.close()
     return entries
 
