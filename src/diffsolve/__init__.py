@@ -19,7 +19,7 @@ from . import solvers as _solvers_pkg
 from .adapters import Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
 from .adapters.identity import ModelMismatch
 from .grids import TimeGrid, explicit, make_grid
-from .guidance import ClassifierFreeGuidance
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .hub import load, save_model
 from .processes import (
     EDM,
@@ -42,7 +42,7 @@ timesteps = grids  # the former name of the grids package
 
 __all__ = [
     "Denoiser", "Model", "ModelWrapper", "Prediction", "NonFiniteError", "ModelMismatch", "edm_coefficients",
-    "outputs_from", "ClassifierFreeGuidance",
+    "outputs_from", "ClassifierFreeGuidance", "ClassifierGuidance",
     "NoiseProcess", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow", "AffineInterpolant", "Shifted",
     "process_from_config", "GaussianMixture", "exact_targets", "reference", "inverse",
     "sample", "SampleInfo", "SamplerSpec", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SolverState",

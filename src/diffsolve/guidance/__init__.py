@@ -1,4 +1,5 @@
 """Guidance as wrappers around a model: each corrects the model's prediction, so it reaches every solver."""
 from .cfg import ClassifierFreeGuidance
+from .classifier import ClassifierGuidance
 
-__all__ = ["ClassifierFreeGuidance"]
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance"]
