@@ -8,9 +8,10 @@ from .methods.dps import DPS
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
 from .methods.pigdm import PiGDM
+from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
 from .operators import AvgPool, Dense, Function, GaussianBlur, Identity, Mask, Operator
 
 __all__ = ["sample", "methods", "guided_model", "METHODS", "InverseInfo", "ExactPosterior", "Operator", "Identity",
-           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "Oracle"]
+           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "REDDiff", "Oracle"]

@@ -27,6 +27,7 @@ from .methods.dps import DPS
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
 from .methods.pigdm import PiGDM
+from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
 from .operators import Operator
@@ -44,6 +45,7 @@ class Method:
     defaults: Dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     loop: bool = False  # a method with its own sampling loop (``run``), not a model wrapper run by a solver
+    spacing: str = "logsnr"  # the time grid of a loop method
 
 
 METHODS: Dict[str, Method] = {
@@ -53,6 +55,9 @@ METHODS: Dict[str, Method] = {
                    "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
     "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),
     "diffpir": Method(DiffPIR, lambda o: 0, {"lam": 1.0}, "DiffPIR: prox of the data term at x0_hat (Zhu et al. 2023)"),
+    "reddiff": Method(REDDiff, lambda o: 0, {"lam": 0.25, "lr": 0.1},
+                      "RED-diff: variational point estimate with a score-distillation prior (Mardani et al. 2023)",
+                      loop=True, spacing="uniform"),
     "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5, "full": True},
                   "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
@@ -135,7 +140,7 @@ def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Te
     if evals < 2:
         raise ValueError(f"{method} needs at least 2 evaluations; raise nfe")
     smc = spec.build(model, operator, y, sigma_y, **opts)
-    grid = make_grid(model.process, evals, "logsnr", "t_min")
+    grid = make_grid(model.process, evals, spec.spacing, "t_min")
     g = seeding.stream(seeds[0], seeding.SOLVER)
     t0 = time.perf_counter()
     x = smc.run(noise, grid, Noise(seeding.solver_generators(seeds)), g)
