@@ -4,14 +4,14 @@ from .api import METHODS, InverseInfo, guided_model, methods, sample
 from .exact import ExactPosterior
 from .methods.ddrm import DDRM
 from .methods.diffpir import DiffPIR
-from .methods.dps import DPS
+from .methods.dps import DPS, DPSStep
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
-from .methods.pigdm import PiGDM
+from .methods.pigdm import PiGDM, PiGDMStep
 from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
 from .operators import AvgPool, Dense, Function, GaussianBlur, Identity, Mask, Operator
 
 __all__ = ["sample", "methods", "guided_model", "METHODS", "InverseInfo", "ExactPosterior", "Operator", "Identity",
-           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "REDDiff", "Oracle"]
+           "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "REDDiff", "DPSStep", "PiGDMStep", "Oracle"]

@@ -23,10 +23,10 @@ from ..util import seeding
 from .exact import ExactPosterior, Prior, check_measurement
 from .methods.ddrm import DDRM
 from .methods.diffpir import DiffPIR
-from .methods.dps import DPS
+from .methods.dps import DPS, DPSStep
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
-from .methods.pigdm import PiGDM
+from .methods.pigdm import PiGDM, PiGDMStep
 from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
@@ -49,8 +49,13 @@ class Method:
 
 
 METHODS: Dict[str, Method] = {
-    "dps": Method(DPS, lambda o: 1, {"zeta": 1.0}, "DPS: gradient of the residual norm at x0_hat (Chung et al. 2022)"),
+    "dps": Method(DPSStep, lambda o: 1, {"zeta": 0.3},
+                  "DPS as published: DDPM step minus zeta grad ||y - A x0_hat||, per sample (Chung et al. 2022)",
+                  loop=True),
+    "dps-x0": Method(DPS, lambda o: 1, {"zeta": 1.0}, "DPS's likelihood approximation as an x0 correction"),
     "pigdm": Method(PiGDM, lambda o: 1, {}, "PiGDM: pseudo-inverse guidance, isotropic x0 covariance (Song et al. 2023)"),
+    "pigdm-step": Method(PiGDMStep, lambda o: 1, {"eta": 0.0},
+                         "PiGDM as a DDIM step plus alpha_s alpha_t J^T (A^+ y - A^+ A x0_hat)", loop=True),
     "mmps": Method(MMPS, lambda o: int(o.get("iterations", 3)) + 1, {"iterations": 3},
                    "MMPS: full Tweedie covariance, CG solve (Rozet et al. 2024)"),
     "tmpd": Method(TMPD, lambda o: 2, {}, "TMPD: row-sum Tweedie covariance (Boys et al. 2023)"),

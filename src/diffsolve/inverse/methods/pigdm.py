@@ -41,3 +41,53 @@ class PiGDM(Guided):
         sol = sol.reshape(res.shape).to(res.dtype)
         self.count()
         return gamma(alpha, sigma) * tape.vjp(tape.y_hat, tape.xg, sol)
+
+
+class PiGDMStep:
+    """PiGDM as a sampler step (the form of the paper's Algorithm 1 in the noiseless limit): a DDIM(eta) step from
+    (x_t, x0_hat), then
+
+        x_s <- x_s + alpha_s alpha_t J_t^T (A^+ y - A^+ A x0_hat)
+
+    (one evaluation and one VJP per step; the clean end is the x0 prediction at t_min)."""
+
+    name = "pigdm-step"
+
+    def __init__(self, model, op, y, sigma_y, eta: float = 0.0):
+        from ..exact import check_measurement
+
+        if not op.linear:
+            raise TypeError("PiGDM needs a linear operator (its pseudo-inverse)")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        self.model, self.op, self.eta = model, op, float(eta)
+        self.y = check_measurement(op, y, sigma_y)
+        self.pinv_y = op.pinv(self.y)
+        self.nfe = self.vjps = 0
+
+    def run(self, noise, grid, rng, generator):
+        import math
+
+        x = self.model.process.prior_from_noise(noise.to(torch.float64))
+        n_pts = grid.t.numel()
+        if grid.is_clean(n_pts - 1):
+            raise ValueError("pigdm-step runs on a grid that ends at t_min (final='t_min')")
+        for i in range(n_pts):
+            a_t, s_t = float(grid.alpha[i]), float(grid.sigma[i])
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                x0 = self.model.evaluate(xg, float(grid.t[i]), {}, (a_t, s_t)).x0
+                if not x0.requires_grad:
+                    raise TypeError("pigdm needs gradients through the model, but its x0 prediction has no graph")
+                v = (self.pinv_y.to(x0.dtype) - self.op.pinv(self.op.forward(x0.detach()))).expand_as(x0)
+                (g,) = torch.autograd.grad(x0, xg, v)
+            self.nfe += 1
+            self.vjps += 1
+            x0 = x0.detach()
+            if i == n_pts - 1:
+                return x0
+            a_s, s_s = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
+            tau = min(max(self.eta * (1 - (a_t * s_s / (a_s * s_t)) ** 2), 0.0), 1.0)
+            x = a_s * x0 + s_s * math.sqrt(1 - tau) * (x - a_t * x0) / s_t + s_s * math.sqrt(tau) * rng.like(x)
+            x = x + a_s * a_t * g
+        return x
