@@ -103,7 +103,9 @@ class TDS:
             raise ValueError("tds runs on a grid that ends at t_min (final='t_min')")
         a, s = float(grid.alpha[0]), float(grid.sigma[0])
         x0, g, lp = self._twist(st.x, float(grid.t[0]), a, s)
-        st.extras = {"x0": x0, "grad": g, "logp": lp, "logw": torch.zeros(st.batch, dtype=DT)}
+        # the start's weight is the twist itself: the product of the step weights then telescopes to
+        # p~_0(y | x_0) times the proposal corrections, the target's importance weight
+        st.extras = {"x0": x0, "grad": g, "logp": lp, "logw": lp.clone()}
         for i in range(n_pts - 1):
             e = st.extras
             a_t, s_t = float(grid.alpha[i]), float(grid.sigma[i])
