@@ -63,7 +63,7 @@ METHODS: Dict[str, Method] = {
     "reddiff": Method(REDDiff, lambda o: 0, {"lam": 0.25, "lr": 0.1},
                       "RED-diff: variational point estimate with a score-distillation prior (Mardani et al. 2023)",
                       loop=True, spacing="uniform"),
-    "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5, "full": True},
+    "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5, "full": False},
                   "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
                    "DDRM: spectral DDIM in the operator's SVD (Kawar et al. 2022)", loop=True),
