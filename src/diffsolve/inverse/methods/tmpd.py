@@ -21,6 +21,7 @@ class TMPD(Guided):
         v = op.forward(g * tape.vjp(tape.y_hat, tape.xg, torch.ones_like(tape.y_hat)))
         r = self._residual(tape.y_hat).detach()
         self.count(2)
-        var = self.sigma_y**2 + v  # the row-sum estimate may be negative for a general A: kept signed
-        var = torch.where(var.abs() < 1e-12, torch.full_like(var, 1e-12), var)
+        # the row-sum estimate of diag(A Cov A^T) can be negative for an A with mixed-sign rows, where the true
+        # diagonal is not: it is floored at 0 (where it is positive this is exactly the published rule)
+        var = (self.sigma_y**2 + v.clamp_min(0.0)).clamp_min(1e-12)
         return g * tape.vjp(tape.y_hat, tape.xg, r / var)
