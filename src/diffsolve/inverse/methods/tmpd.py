@@ -21,7 +21,4 @@ class TMPD(Guided):
         v = op.forward(g * tape.vjp(tape.y_hat, tape.xg, torch.ones_like(tape.y_hat)))
         r = self._residual(tape.y_hat).detach()
         self.count(2)
-        # the row-sum estimate of diag(A Cov A^T) can be negative for an A with mixed-sign rows, where the true
-        # diagonal is not: the total is floored at 1% of sigma_y^2 (above it this is exactly the published rule)
-        var = (self.sigma_y**2 + v).clamp_min(max(0.01 * self.sigma_y**2, 1e-12))
-        return g * tape.vjp(tape.y_hat, tape.xg, r / var)
+        return g * tape.vjp(tape.y_hat, tape.xg, r / (self.sigma_y**2 + v).clamp_min(1e-12))
