@@ -21,4 +21,8 @@ class TMPD(Guided):
         v = op.forward(g * tape.vjp(tape.y_hat, tape.xg, torch.ones_like(tape.y_hat)))
         r = self._residual(tape.y_hat).detach()
         self.count(2)
-        return g * tape.vjp(tape.y_hat, tape.xg, r / (self.sigma_y**2 + v).clamp_min(1e-12))
+        # the row-sum estimate may be negative for a general A: kept signed (the published rule; it diverges on
+        # some dense operators with mixed-sign rows, docs/inverse.md), only an exact zero is guarded
+        var = self.sigma_y**2 + v
+        var = torch.where(var.abs() < 1e-12, torch.full_like(var, 1e-12), var)
+        return g * tape.vjp(tape.y_hat, tape.xg, r / var)
