@@ -21,6 +21,7 @@ from ..adapters.parameterisation import PARAMETERISATIONS, from_diffusers
 from ..grids import FINALS, SPACINGS, explicit
 from ..processes import VPDiscrete
 from ..sampling import plan_run
+from ..sampling.defaults import AUTO, LEGACY_FINAL, LEGACY_SOLVER, LEGACY_SPACING, default_sampler
 from ..solvers import get_solver
 from ..solvers.drivers import Evaluator, Stepper, drive
 from ..solvers.state import Noise
@@ -123,6 +124,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     with the pipeline's model output and advances the solver to its next request.
     Build it from any diffusers scheduler config: ``DiffsolveScheduler.from_config(pipe.scheduler.config,
     solver="unipc-bh2")``.
+
+    ``solver``, ``spacing`` and ``final`` default to ``"auto"``: as in ``ds.sample``, the default rule
+    (``diffsolve.sampling.defaults.default_sampler``) picks them by the NFE budget ``set_timesteps(n)`` gets,
+    the process and the prediction type, with ``solver_options`` on top of the rule's options.  With an
+    explicit ``solver`` (or explicit ``timesteps``) an ``"auto"`` spacing is 'logsnr' and an ``"auto"`` final
+    is 'denoise', the previous defaults (reachable as ``solver="dpm++2m", spacing="logsnr", final="denoise"``).
     """
 
     order = 1
@@ -131,14 +138,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
-                 prediction_type: str = "epsilon", solver: str = "dpm++2m", spacing: str = "logsnr",
-                 final: str = "denoise", solver_options: Optional[Dict[str, Any]] = None):
+                 prediction_type: str = "epsilon", solver: str = AUTO, spacing: str = AUTO,
+                 final: str = AUTO, solver_options: Optional[Dict[str, Any]] = None):
         _require_diffusers()
-        get_solver(solver)  # fail early on an unknown name
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
-        if final not in FINALS:
-            raise ValueError(f"unknown final={final!r}; use one of {FINALS}")
+        if solver != AUTO:
+            get_solver(solver)  # fail early on an unknown name
+        if spacing != AUTO and spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; known: {AUTO}, {', '.join(SPACINGS)}")
+        if final != AUTO and final not in FINALS:
+            raise ValueError(f"unknown final={final!r}; use one of {(AUTO,) + tuple(FINALS)}")
         cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
                "beta_schedule": beta_schedule, "trained_betas": trained_betas, "prediction_type": prediction_type}
         self.process = process_from_scheduler_config(cfg)
@@ -157,22 +165,36 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                       timesteps: Optional[List[float]] = None) -> None:
         """Plan the run: ``num_inference_steps`` is the NFE budget; ``timesteps`` an explicit grid of
         model times (then the last step jumps to clean data when ``final='denoise'``)."""
-        cfg = self.config
         self._stepper = None
+        if timesteps is None and num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps (the NFE budget) or timesteps")
+        nfe = None if timesteps is not None else int(num_inference_steps)  # type: ignore[arg-type]
+        solver, spacing, final, opts = self.resolved(nfe)
+        grid = None
         if timesteps is not None:
-            grid, nfe = explicit(self.process, t=[float(t) for t in timesteps], final=cfg.final), None
-        else:
-            if num_inference_steps is None:
-                raise ValueError("set_timesteps needs num_inference_steps (the NFE budget) or timesteps")
-            grid, nfe = None, int(num_inference_steps)
-        info = get_solver(cfg.solver)
+            grid = explicit(self.process, t=[float(t) for t in timesteps], final=final)
+        info = get_solver(solver)
         self._info = info
-        self._tgrid, plan = plan_run(info, Denoiser(_Handed(), self.process, self.prediction), nfe, cfg.spacing,
-                                     grid, cfg.final)
-        self._opts = {**info.defaults, **plan.options, **(cfg.solver_options or {})}
+        self._tgrid, plan = plan_run(info, Denoiser(_Handed(), self.process, self.prediction), nfe, spacing,
+                                     grid, final)
+        self._opts = {**info.defaults, **plan.options, **opts}
         times = self._evaluation_times()
         self.timesteps = torch.tensor(times, dtype=torch.float32, device=device)
         self.num_inference_steps = len(times)
+
+    def resolved(self, nfe: Optional[int]):
+        """(solver, spacing, final, solver options) a run with NFE budget ``nfe`` uses (``None``: explicit
+        timesteps): the default rule fills the ``"auto"`` fields when the solver is ``"auto"`` and the budget is
+        known, the previous defaults (dpm++2m, logsnr, denoise) otherwise."""
+        cfg: Any = self.config  # diffusers' FrozenDict: attribute access to the registered arguments
+        opts = dict(cfg.solver_options or {})
+        if cfg.solver == AUTO and nfe is not None:
+            rule = default_sampler(nfe, self.process, self.prediction)
+            return (rule.solver, rule.spacing if cfg.spacing == AUTO else cfg.spacing,
+                    rule.final if cfg.final == AUTO else cfg.final, {**rule.options, **opts})
+        return (LEGACY_SOLVER if cfg.solver == AUTO else cfg.solver,
+                LEGACY_SPACING if cfg.spacing == AUTO else cfg.spacing,
+                LEGACY_FINAL if cfg.final == AUTO else cfg.final, opts)
 
     def _program(self, x_T: torch.Tensor, net: Any, generators=None):
         den = Denoiser(net, self.process, self.prediction, dtype=torch.float64)

@@ -19,6 +19,7 @@ from ..solvers.drivers import Call, Evaluator, Step, drive
 from ..solvers.registry import Plan, SolverInfo
 from ..solvers.state import Noise, SamplingError, SolverState
 from ..util import seeding
+from .defaults import LEGACY_FINAL, LEGACY_SOLVER, LEGACY_SPACING, default_sampler, model_parameterisation
 
 Tensor = torch.Tensor
 
@@ -93,9 +94,10 @@ def _solver_options(info: SolverInfo, plan: Plan, options: Dict[str, Any]) -> Di
     return opts
 
 
-def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m", nfe: Optional[int] = None,
-           spacing: Union[str, Callable] = "logsnr", grid: Optional[Union[TimeGrid, Sequence[float], Tensor]] = None,
-           final: str = "denoise", seeds: Optional[Sequence[int]] = None,
+def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] = None, nfe: Optional[int] = None,
+           spacing: Optional[Union[str, Callable]] = None,
+           grid: Optional[Union[TimeGrid, Sequence[float], Tensor]] = None, final: Optional[str] = None,
+           seeds: Optional[Sequence[int]] = None,
            generators: Optional[Sequence[torch.Generator]] = None, model_kwargs: Optional[Dict[str, Any]] = None,
            callback: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = False,
            return_info: bool = False, scale_noise: bool = True, dtype: Optional[torch.dtype] = None,
@@ -111,12 +113,19 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
             (``process.prior_from_noise``: ``prior_scale * noise`` for Gaussian processes; pass
             ``scale_noise=False`` if it already is x_T).  ``None``: drawn from ``seeds`` (needs ``shape`` or
             ``model.sample_shape``) by the one seeding convention (``diffsolve.util.seeding``).
-        solver: a name from ``ds.solvers()``.
+        solver: a name from ``ds.solvers()``.  ``None`` (and no ``grid``): the default rule
+            ``diffsolve.sampling.defaults.default_sampler(nfe, process, parameterisation)`` picks the solver,
+            its options, the spacing and the last step by NFE (see ``docs/default_rule.md``); an explicit
+            ``spacing``/``final``/option still overrides its part of that choice.  ``None`` with a ``grid``:
+            'dpm++2m' (the rule is a rule for NFE budgets, not for given grids).  The previous default is
+            ``solver="dpm++2m", spacing="logsnr", final="denoise"``.
         nfe: budget of network evaluations (the solver picks the largest grid that fits); 10 when
             neither ``nfe`` nor ``grid`` is given.  With an explicit ``grid`` it is an upper bound only.
-        spacing: time-step spacing name (``ds.grids.SPACINGS``) or a callable ``(process, n) -> t``.
+        spacing: time-step spacing name (``ds.grids.SPACINGS``) or a callable ``(process, n) -> t``
+            (``None``: the rule's with ``solver=None``, else 'logsnr').
         grid: an explicit ``TimeGrid`` (``ds.explicit``) or a sequence of process times.
-        final: 'denoise' (last step jumps to clean data with the denoiser) or 't_min' (stop there).
+        final: 'denoise' (last step jumps to clean data with the denoiser) or 't_min' (stop there)
+            (``None``: the rule's with ``solver=None`` and no grid, else 'denoise').
         seeds / generators: per-sample seeds (solver randomness, and the starting noise when ``noise`` is None)
             or generators for stochastic solvers (batch-size independent).
         model_kwargs: extra keyword arguments for the network (labels, embeddings; an offset's y).
@@ -147,8 +156,12 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
             raise ValueError("noise=None needs shape= (the model does not record its sample_shape)")
         noise = seeding.noise(list(seeds), shape)
     _check_noise(noise)
+    if nfe is not None and (not isinstance(nfe, int) or isinstance(nfe, bool)):
+        raise ValueError(f"nfe must be an integer, got {nfe!r}")
     check_calls = 0
-    if profile is not None:
+    if profile is None:
+        solver, spacing, final, options = _resolve_defaults(model, nfe, grid, solver, spacing, final, options)
+    else:
         if grid is not None:
             raise ValueError("pass either profile= or grid=, not both (the profile's entry has its own grid)")
         if not isinstance(profile, SamplerSpec):
@@ -156,11 +169,11 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
         solver, grid, p_opts, check_calls = profile.settings_for(model, nfe, tuple(noise.shape[1:]))
         options = {**p_opts, **options}
         final = "denoise" if grid.clean_end else "t_min"
+        spacing = LEGACY_SPACING  # unused: the profile's entry has its grid
+    assert solver is not None and spacing is not None and final is not None
     info = get_solver(solver)
     if final not in FINALS:
         raise ValueError(f"unknown final={final!r}; use one of {FINALS}")
-    if nfe is not None and (not isinstance(nfe, int) or isinstance(nfe, bool)):
-        raise ValueError(f"nfe must be an integer, got {nfe!r}")
     proc = model.process
     info.check_process(proc)
     if diffusion is not None and info.name != "euler-maruyama":
@@ -201,6 +214,19 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: str = "dpm++2m"
         opts.pop("orders", None)
         return out, SampleInfo(info.name, ev.nfe, tgrid.steps, tgrid, opts, check_calls)
     return out
+
+
+def _resolve_defaults(model: Model, nfe: Optional[int], grid: Any, solver: Optional[str],
+                      spacing: Optional[Union[str, Callable]], final: Optional[str],
+                      options: Dict[str, Any]) -> Tuple[str, Union[str, Callable], str, Dict[str, Any]]:
+    """(solver, spacing, final, options) of a run without a profile: the default rule fills what is not given
+    when no solver and no grid are given; otherwise the previous defaults (dpm++2m, logsnr, denoise) do."""
+    if solver is None and grid is None:
+        rule = default_sampler(10 if nfe is None else nfe, model.process, model_parameterisation(model))
+        return (rule.solver, rule.spacing if spacing is None else spacing, rule.final if final is None else final,
+                {**rule.options, **options})
+    return (LEGACY_SOLVER if solver is None else solver, LEGACY_SPACING if spacing is None else spacing,
+            LEGACY_FINAL if final is None else final, options)
 
 
 def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
