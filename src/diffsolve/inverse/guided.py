@@ -108,3 +108,34 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, iterations:
 
 
 Pair = Tuple[Tensor, Tensor]
+
+
+def step_guided_loop(model: Model, noise: Tensor, grid: Any, rng: Any, eta: float, name: str,
+                     gradient: Callable[[Tensor, Tensor], Tensor],
+                     correct: Callable[[Tensor, Tensor, float, float], Tensor]) -> Tuple[Tensor, int]:
+    """The loop of the step-level guidance methods (published DPS, PiGDM): at each grid point one evaluation with
+    a graph, ``g = gradient(x_t, x0_hat)`` (one VJP), a DDIM step with tau = eta (1 - (a_t s_s / (a_s s_t))^2)
+    (eta = 1: DDPM's ancestral step), then ``x_s = correct(x_s, g, a_s, a_t)``; the x0 prediction at the last
+    point (t_min) is the result.  Returns (samples, evaluations)."""
+    import math
+
+    x = model.process.prior_from_noise(noise.to(DT))
+    n_pts = grid.t.numel()
+    if grid.is_clean(n_pts - 1):
+        raise ValueError(f"{name} runs on a grid that ends at t_min (final='t_min')")
+    for i in range(n_pts):
+        a_t, s_t = float(grid.alpha[i]), float(grid.sigma[i])
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = model.evaluate(xg, float(grid.t[i]), {}, (a_t, s_t)).x0
+            if not x0.requires_grad:
+                raise TypeError(f"{name} needs gradients through the model, but its x0 prediction has no graph")
+            g = gradient(xg, x0)
+        x0 = x0.detach()
+        if i == n_pts - 1:
+            return x0, n_pts
+        a_s, s_s = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
+        tau = min(max(eta * (1 - (a_t * s_s / (a_s * s_t)) ** 2), 0.0), 1.0)
+        x = a_s * x0 + s_s * math.sqrt(1 - tau) * (x - a_t * x0) / s_t + s_s * math.sqrt(tau) * rng.like(x)
+        x = correct(x, g, a_s, a_t)
+    return x, n_pts

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..guided import Guided, Tape, gamma
+from ..guided import Guided, Tape, gamma, step_guided_loop
 
 
 class DPS(Guided):
@@ -52,28 +52,12 @@ class DPSStep:
         self.nfe = self.vjps = 0
 
     def run(self, noise, grid, rng, generator):
-        import math
+        def gradient(xg, x0):
+            norm = (self.y.to(x0.dtype) - self.op.forward(x0)).flatten(1).norm(dim=1)
+            return torch.autograd.grad(norm.sum(), xg)[0]
 
-        x = self.model.process.prior_from_noise(noise.to(torch.float64))
-        n_pts = grid.t.numel()
-        if grid.is_clean(n_pts - 1):
-            raise ValueError("dps runs on a grid that ends at t_min (final='t_min')")
-        for i in range(n_pts):
-            a_t, s_t = float(grid.alpha[i]), float(grid.sigma[i])
-            with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                x0 = self.model.evaluate(xg, float(grid.t[i]), {}, (a_t, s_t)).x0
-                if not x0.requires_grad:
-                    raise TypeError("dps needs gradients through the model, but its x0 prediction has no graph")
-                norm = (self.y.to(x0.dtype) - self.op.forward(x0)).flatten(1).norm(dim=1)
-                (g,) = torch.autograd.grad(norm.sum(), xg)
-            self.nfe += 1
-            self.vjps += 1
-            x0 = x0.detach()
-            if i == n_pts - 1:
-                return x0
-            a_s, s_s = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
-            tau = min(max(1 - (a_t * s_s / (a_s * s_t)) ** 2, 0.0), 1.0)
-            x = a_s * x0 + s_s * math.sqrt(1 - tau) * (x - a_t * x0) / s_t + s_s * math.sqrt(tau) * rng.like(x)
-            x = x - self.zeta * g
+        x, n = step_guided_loop(self.model, noise, grid, rng, 1.0, self.name, gradient,
+                                lambda x, g, a_s, a_t: x - self.zeta * g)
+        self.nfe += n
+        self.vjps += n
         return x

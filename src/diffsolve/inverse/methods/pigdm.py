@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..guided import Guided, Tape, gamma
+from ..guided import Guided, Tape, gamma, step_guided_loop
 
 
 class PiGDM(Guided):
@@ -66,28 +66,12 @@ class PiGDMStep:
         self.nfe = self.vjps = 0
 
     def run(self, noise, grid, rng, generator):
-        import math
+        def gradient(xg, x0):
+            v = (self.pinv_y.to(x0.dtype) - self.op.pinv(self.op.forward(x0.detach()))).expand_as(x0)
+            return torch.autograd.grad(x0, xg, v)[0]
 
-        x = self.model.process.prior_from_noise(noise.to(torch.float64))
-        n_pts = grid.t.numel()
-        if grid.is_clean(n_pts - 1):
-            raise ValueError("pigdm-step runs on a grid that ends at t_min (final='t_min')")
-        for i in range(n_pts):
-            a_t, s_t = float(grid.alpha[i]), float(grid.sigma[i])
-            with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                x0 = self.model.evaluate(xg, float(grid.t[i]), {}, (a_t, s_t)).x0
-                if not x0.requires_grad:
-                    raise TypeError("pigdm needs gradients through the model, but its x0 prediction has no graph")
-                v = (self.pinv_y.to(x0.dtype) - self.op.pinv(self.op.forward(x0.detach()))).expand_as(x0)
-                (g,) = torch.autograd.grad(x0, xg, v)
-            self.nfe += 1
-            self.vjps += 1
-            x0 = x0.detach()
-            if i == n_pts - 1:
-                return x0
-            a_s, s_s = float(grid.alpha[i + 1]), float(grid.sigma[i + 1])
-            tau = min(max(self.eta * (1 - (a_t * s_s / (a_s * s_t)) ** 2), 0.0), 1.0)
-            x = a_s * x0 + s_s * math.sqrt(1 - tau) * (x - a_t * x0) / s_t + s_s * math.sqrt(tau) * rng.like(x)
-            x = x + a_s * a_t * g
+        x, n = step_guided_loop(self.model, noise, grid, rng, self.eta, self.name, gradient,
+                                lambda x, g, a_s, a_t: x + a_s * a_t * g)
+        self.nfe += n
+        self.vjps += n
         return x
