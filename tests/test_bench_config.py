@@ -27,6 +27,8 @@ def _bench_signature_before_config(
 
 
 OLD_DEFAULTS = {k: p.default for k, p in inspect.signature(_bench_signature_before_config).parameters.items()}
+# since then: the model reference is converged (benchmarks/reference_convergence.py): 500 NFE on the fine grid
+OLD_DEFAULTS.update(ref_nfe=500, ref_solver="dpm++3m", ref_spacing="auto")
 TIMING = {"wall", "net_time", "overhead_per_nfe", "reference_seconds"}
 
 
@@ -46,7 +48,7 @@ def _untimed(x):
 # ----------------------------------------------------------------------------------------
 def test_fields_and_defaults_are_the_previous_keyword_parameters():
     defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
-    assert set(defaults) == set(OLD_DEFAULTS) and len(defaults) == 31
+    assert set(defaults) == set(OLD_DEFAULTS) and len(defaults) == 33
     assert defaults == OLD_DEFAULTS
     assert dataclasses.asdict(BenchConfig()) == OLD_DEFAULTS
     assert BenchConfig().resolved() == BenchConfig()  # nothing to resolve in the defaults

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import grids, inverse, reference
 from . import solvers as _solvers_pkg
-from .adapters import Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
+from .adapters import Conditioned, Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
 from .adapters.identity import ModelMismatch
 from .grids import TimeGrid, explicit, make_grid
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 timesteps = grids  # the former name of the grids package
 
 __all__ = [
-    "Denoiser", "Model", "ModelWrapper", "Prediction", "NonFiniteError", "ModelMismatch", "edm_coefficients",
+    "Conditioned", "Denoiser", "Model", "ModelWrapper", "Prediction", "NonFiniteError", "ModelMismatch", "edm_coefficients",
     "outputs_from", "ClassifierFreeGuidance", "ClassifierGuidance",
     "NoiseProcess", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow", "AffineInterpolant", "Shifted",
     "process_from_config", "GaussianMixture", "exact_targets", "reference", "inverse",

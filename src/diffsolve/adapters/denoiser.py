@@ -270,6 +270,38 @@ class ModelWrapper:
         return getattr(self.inner, name)
 
 
+class Conditioned(ModelWrapper):
+    """``model`` with fixed keyword inputs (class labels, a text embedding) bound to it, so that anything that
+    calls a model without kwargs (a teacher, a peer's loop, the tuner) evaluates the conditional model.
+
+    A bound tensor of batch 1 is broadcast; a bound tensor of batch B pairs its rows with the first rows of the
+    state (an evaluation on the first n samples uses the first n values).  Inputs passed at call time win."""
+
+    def __init__(self, inner: Model, kwargs: Mapping[str, Any]):
+        super().__init__(inner)
+        self.bound = dict(kwargs)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": "conditioned", "inputs": sorted(self.bound)}
+
+    def _kwargs(self, b: int, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for k, v in self.bound.items():
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] != 1:
+                if v.shape[0] < b:
+                    raise ValueError(f"bound input {k!r} has {v.shape[0]} rows, the state {b}")
+                v = v[:b]
+            elif isinstance(v, Tensor) and v.dim() > 0:
+                v = v.expand(b, *v.shape[1:])
+            out[k] = v
+        out.update(kwargs)
+        return out
+
+    def evaluate(self, x: Tensor, t: Union[float, Tensor], kwargs: Optional[Mapping[str, Any]] = None,
+                 coeffs: Optional[tuple] = None) -> Prediction:
+        return self.inner.evaluate(x, t, self._kwargs(x.shape[0], kwargs or {}), coeffs)
+
+
 def base_model(model: Model) -> Model:
     """The innermost model under any wrappers."""
     while isinstance(model, ModelWrapper):

@@ -165,7 +165,9 @@ class BenchConfig:
     model: Any = None  # a ds.Denoiser, a 'module:function' factory returning one, a checkpoint folder or name
     checkpoint: Optional[str] = None  # a model checkpoint path for ds.load
     shape: Optional[Sequence[int]] = None  # the model's data shape when it has no sample_shape
-    ref_nfe: int = 200  # NFE of the reference solution of a model that has no exact answer
+    ref_nfe: int = 500  # NFE of the reference solution of a model that has no exact answer
+    ref_solver: str = "dpm++3m"  # its solver
+    ref_spacing: str = "auto"  # and its grid ('auto': uniform in t, Karras for EDM; see reference_convergence)
     # our configurations
     solvers: Optional[Sequence[str]] = None  # our solvers (None: every deterministic one a benchmark can run)
     spacings: Sequence[Any] = SPACINGS  # time-step spacings (names, or callables (process, n) -> times)
@@ -248,6 +250,7 @@ def _checked(v: Dict[str, Any]) -> Dict[str, Any]:
     if v["shape"] is not None:
         v["shape"] = _int_tuple("shape", v["shape"])
     v["ref_nfe"] = _positive("ref_nfe", v["ref_nfe"])
+    _solver("ref_solver", v["ref_solver"])
     # our configurations
     if v["solvers"] is not None:
         v["solvers"] = _names("solvers", v["solvers"])
@@ -459,12 +462,16 @@ def _problems(cfg: BenchConfig) -> List[H.Problem]:
     if model is not None or checkpoint is not None:
         if isinstance(model, str) and not _is_factory(model):  # a checkpoint/diffusers folder or 'mnist'
             checkpoint, model = model, None
-        den = load_checkpoint(checkpoint) if checkpoint is not None else (
-            load_factory(model) if isinstance(model, str) else model)
-        shape = cfg.shape or tuple(getattr(den, "sample_shape", None) or ()) or None
         b = batch if isinstance(batch, int) else (batch[0] if batch else 16)
-        label = checkpoint or (model if isinstance(model, str) else type(den.net).__name__)
-        return [H.model_problem(den, b, cfg.seed, shape, cfg.ref_nfe, name=f"model {label}")]
+        if checkpoint is not None:  # a checkpoint, a built-in name, or 'name@w' (guided, labels bound)
+            from .models import load_spec
+            den = load_spec(checkpoint, b)[0]
+        else:
+            den = load_factory(model) if isinstance(model, str) else model
+        shape = cfg.shape or tuple(getattr(den, "sample_shape", None) or ()) or None
+        label = checkpoint or (model if isinstance(model, str) else type(getattr(den, "net", den)).__name__)
+        return [H.model_problem(den, b, cfg.seed, shape, cfg.ref_nfe, name=f"model {label}",
+                                ref_solver=cfg.ref_solver, ref_spacing=cfg.ref_spacing)]
     if batch is None:
         batches = [DEFAULT_BATCH.get(d, 256) for d in cfg.dims]
     elif isinstance(batch, int):
@@ -477,7 +484,11 @@ def _problems(cfg: BenchConfig) -> List[H.Problem]:
 def _peer_configs(cfg: BenchConfig, libraries: List[str], problems: List[H.Problem],
                   skipped: Dict[str, str]) -> List[P.PeerConfig]:
     """The peers' configurations; a problem the peers cannot run is reported with a warning."""
-    cfgs = P.peer_configs(cfg.quick, libraries) if libraries else []
+    families = {pb.family for pb in problems if not pb.peers_ok}
+    if len(families) > 1:
+        raise ValueError(f"one bench runs one model family, got {sorted(families)}")
+    family = families.pop() if families else "ddpm"
+    cfgs = P.peer_configs(cfg.quick, libraries, family) if libraries else []
     for pb in problems:
         why = pb.peers_ok  # the reason the peers cannot run on it ('' when they can)
         if cfgs and why:
@@ -641,7 +652,8 @@ def _describe(pb: H.Problem) -> Dict[str, Any]:
             "reference_seconds": ref.seconds, "reference_error_bar": ref.error_bar(),
             "reference": ("exact probability-flow ODE (DOP853, rtol 1e-10) of GaussianMixture.random"
                           f"(dim={pb.dim}, seed=0)" if ref.exact else
-                          f"{getattr(ref, 'solver', '')} with {getattr(ref, 'nfe', '')} NFE on a log-SNR grid")}
+                          f"{getattr(ref, 'solver', '')} with {getattr(ref, 'nfe', '')} NFE on a "
+                          f"{getattr(ref, 'spacing', 'logsnr')} grid")}
 
 
 def _versions() -> Dict[str, Optional[str]]:
@@ -673,7 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "solution of the same model)")
     p.add_argument("--checkpoint", default=None, help="a model checkpoint path for ds.load")
     p.add_argument("--shape", default=None, help="data shape for --model/--checkpoint, e.g. 3,32,32")
-    p.add_argument("--ref-nfe", type=int, default=200, help="NFE of the reference solution of a non-exact model")
+    p.add_argument("--ref-nfe", type=int, default=500, help="NFE of the reference solution of a non-exact model "
+                                                            "(default 500)")
+    p.add_argument("--ref-solver", default="dpm++3m", help="its solver (default dpm++3m)")
+    p.add_argument("--ref-spacing", default="auto", help="and its grid (default auto: uniform in t, Karras for EDM)")
     p.add_argument("--solvers", default=None, help="our solvers (default: every deterministic one)")
     p.add_argument("--spacings", default=",".join(SPACINGS))
     p.add_argument("--finals", default=",".join(FINALS))
@@ -705,7 +720,7 @@ def _config_from_args(args: argparse.Namespace, profiles: Sequence[Any] = (),
     return BenchConfig(
         dims=_ints(args.dims), nfes=_ints(args.nfes), batch=None if args.batch is None else _ints(args.batch),
         model=args.model, checkpoint=args.checkpoint, shape=_ints(args.shape) if args.shape else None,
-        ref_nfe=args.ref_nfe,
+        ref_nfe=args.ref_nfe, ref_solver=args.ref_solver, ref_spacing=args.ref_spacing,
         solvers=args.solvers.split(",") if args.solvers else None,
         spacings=[s for s in args.spacings.split(",") if s], finals=[f for f in args.finals.split(",") if f],
         stochastic=args.stochastic, profiles=profiles,

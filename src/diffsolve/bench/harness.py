@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..adapters.denoiser import with_network
+from ..adapters.denoiser import ModelWrapper, with_network
 from ..evaluation.teacher import ExactTeacher, ModelTeacher
 from ..util.jsonable import jsonable
 from . import library as ds
@@ -114,17 +114,22 @@ def snap_time(process, t: float) -> float:
     return t
 
 
-def detect_endpoint(process, out: Tensor, view: str, last_sigma: float, net: CountingNet) -> Tuple[Endpoint, Tensor]:
+def detect_endpoint(process, out: Tensor, view: str, last_sigma: float, net: CountingNet,
+                    x0_last: Optional[Tensor] = None) -> Tuple[Endpoint, Tensor]:
     """Where the run stopped, and its output as a VP state there (float64).
 
     ``last_sigma`` (sigma / alpha of the last point, read off the run) > 0: the run stopped at the process
     time with that noise level.  = 0: it reached clean data, by the jump when the output equals the x0
     prediction of the last network call (to JUMP_TOL relative), else by integrating to sigma = 0.
+    ``x0_last``: that prediction when the model recorded it (``LastCall``); else it is read off the last call
+    of an epsilon network ``net``.
     """
-    if net.last is None:
-        raise RuntimeError("the run made no network call")
-    x, t, eps = net.last
-    x0 = x0_of_call(process, x, t, eps)
+    if x0_last is None:
+        if net.last is None:
+            raise RuntimeError("the run made no network call")
+        x, t, eps = net.last
+        x0_last = x0_of_call(process, x, t, eps)
+    x0 = x0_last.to(DT)
     o = out.to(DT)
     dist = float((o - x0).norm() / x0.norm().clamp_min(1e-30))
     if last_sigma <= 0.0:  # reached clean data: by the jump, or by integrating there (LMS, PLMS)
@@ -193,15 +198,15 @@ class ExactReference:
 
 class ModelReference:
     """For a model without an exact answer (``ModelTeacher``): a high-NFE solution of the same model (``solver``
-    on a log-SNR grid with ``nfe`` evaluations) to wherever a run stops; runs that jump are compared with
+    on a ``spacing`` grid with ``nfe`` evaluations) to wherever a run stops; runs that jump are compared with
     the model's own x0 prediction at the t_min state.  No likelihood metric; for MNIST-shaped images
     (1 x 28 x 28) also the image metric FD-LeNet (``diffsolve.metrics``) of every run."""
 
     exact = False
 
-    def __init__(self, den: ds.Denoiser, x_T: Tensor, nfe: int = 200, solver: str = "dpm++3m"):
-        self.teacher = ModelTeacher(den, solver, nfe)
-        self.den, self.x_T, self.nfe, self.solver = den, x_T, nfe, solver
+    def __init__(self, den, x_T: Tensor, nfe: int = 200, solver: str = "dpm++3m", spacing: str = "logsnr"):
+        self.teacher = ModelTeacher(den, solver, nfe, spacing)
+        self.den, self.x_T, self.nfe, self.solver, self.spacing = den, x_T, nfe, solver, spacing
         self.process = den.process
         self.image_metric = None
         if tuple(x_T.shape[1:]) == (1, 28, 28) and x_T.shape[0] >= 2:
@@ -240,6 +245,23 @@ def _errors(x: Tensor, target: Tensor) -> Dict[str, float]:
 # ----------------------------------------------------------------------------------------
 # a problem: model + noise + reference
 # ----------------------------------------------------------------------------------------
+class LastCall(ModelWrapper):
+    """A model that remembers the x0 prediction of its last evaluation (for the endpoint detection of runs on
+    any parameterisation); its identity is the inner model's, so tuned profiles still match."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.last_x0: Optional[Tensor] = None
+
+    def identity(self) -> Dict[str, Any]:
+        return self.inner.identity()
+
+    def evaluate(self, x, t, kwargs=None, coeffs=None):
+        pred = self.inner.evaluate(x, t, kwargs, coeffs)
+        self.last_x0 = pred.x0.detach()
+        return pred
+
+
 @dataclass
 class Problem:
     name: str
@@ -252,28 +274,37 @@ class Problem:
     reference: Any
     shape: Tuple[int, ...]
     seeds: List[int] = field(default_factory=list)
+    recorder: Optional[LastCall] = None  # model problems: every call goes through it
 
     @property
     def process(self):
         return self.den.process
 
     @property
+    def family(self) -> Optional[str]:
+        """The peers' family of this model (``peers.peer_family``)."""
+        return P.peer_family(self.process)
+
+    @property
     def peers_ok(self) -> Optional[str]:
         """None if the peers can run this model, else why not."""
-        if not isinstance(self.process, ds.VPDiscrete):
-            return f"peers need a discrete VP (DDPM) process, the model's is {type(self.process).__name__}"
+        if self.family is None:
+            return (f"the peers' samplers need a discrete VP (DDPM), rectified-flow or EDM process, the model's is "
+                    f"{type(self.process).__name__}")
         return None
 
+    def reset(self) -> None:
+        self.net.reset()
+        if self.recorder is not None:
+            self.recorder.last_x0 = None
 
-def _eps_net(den: ds.Denoiser, net: CountingNet) -> Callable:
-    """eps(x, t) for the peers: the raw network when it already predicts epsilon on process time,
-    else through the adapter (one network call either way)."""
-    if isinstance(den, ds.Denoiser) and den.prediction == "epsilon" and den.model_time == den.process.model_time:
-        return net
-
-    def eps(x: Tensor, t: Tensor, **kw) -> Tensor:
-        return den.evaluate(x, t, kw).eps.to(x.dtype)
-    return eps
+    def last_x0(self) -> Optional[Tensor]:
+        """The x0 prediction of the last call when the model recorded it (else None: read off the network)."""
+        if self.recorder is None:
+            return None
+        if self.recorder.last_x0 is None:
+            raise RuntimeError("the run made no network call")
+        return self.recorder.last_x0
 
 
 def exact_problem(dim: int, batch: int, seed: int = 0, process=None, mixture_seed: int = 0) -> Problem:
@@ -288,9 +319,21 @@ def exact_problem(dim: int, batch: int, seed: int = 0, process=None, mixture_see
                    [seed * 1_000_003 + i for i in range(batch)])
 
 
-def model_problem(den: ds.Denoiser, batch: int, seed: int = 0, shape: Optional[Sequence[int]] = None,
-                  ref_nfe: int = 200, name: str = "model") -> Problem:
-    """Any ``ds.Denoiser``: the reference is a high-NFE solution of the same model."""
+def fine_grid(process) -> str:
+    """The grid of a converged reference: uniform in t (every DDPM timestep on a discrete schedule, which is rough
+    near t = 0 for a trained network), Karras for EDM (uniform in sigma would spend the steps at large noise).
+    Two such 1000-NFE third-order solutions agree to ~1e-4 RMSE on the shipped models
+    (``benchmarks/reference_convergence.py``)."""
+    return "karras" if type(process).__name__ == "EDM" else "uniform"
+
+
+def model_problem(den, batch: int, seed: int = 0, shape: Optional[Sequence[int]] = None,
+                  ref_nfe: int = 500, name: str = "model", ref_solver: str = "dpm++3m",
+                  ref_spacing: str = "auto") -> Problem:
+    """Any model with a ``ds.Denoiser`` at its base (guidance wrappers included): the reference is a high-NFE
+    solution of the same model (``ref_solver`` with ``ref_nfe`` NFE on ``ref_spacing``; 'auto': ``fine_grid``)."""
+    if ref_spacing == "auto":
+        ref_spacing = fine_grid(den.process)
     shape = tuple(shape or getattr(den, "sample_shape", None) or ())
     if not shape:
         raise ValueError("the model's data shape is unknown: pass shape= (--shape C,H,W) or set den.sample_shape")
@@ -299,11 +342,12 @@ def model_problem(den: ds.Denoiser, batch: int, seed: int = 0, shape: Optional[S
     net = made[0]
     noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
     net.record = False
-    reference = ModelReference(den2, noise, nfe=ref_nfe)
+    rec = LastCall(den2)
+    reference = ModelReference(rec, noise, nfe=ref_nfe, solver=ref_solver, spacing=ref_spacing)
     net.record = True
     dim = int(torch.tensor(shape).prod())
-    return Problem(name, dim, batch, den2, net, _eps_net(den2, net), noise, reference, shape,
-                   [seed * 1_000_003 + i for i in range(batch)])
+    return Problem(name, dim, batch, rec, net, P.PeerModel(rec), noise, reference, shape,
+                   [seed * 1_000_003 + i for i in range(batch)], recorder=rec)
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,7 +374,7 @@ def _finish(pb: Problem, row: dict, out: Tensor, view: str, last_sigma: float, w
     if not torch.isfinite(out).all():
         row["error"] = "non-finite output (NaN/inf)"
         return row
-    ep, x = detect_endpoint(pb.process, out, view, last_sigma, net)
+    ep, x = detect_endpoint(pb.process, out, view, last_sigma, net, pb.last_x0())
     row.update(endpoint=ep.label, t_stop="" if ep.t is None else ep.t, jump_distance=ep.jump_distance)
     row.update(pb.reference.score(x, ep))
     if row["stochastic"]:  # a sample of an SDE is not an approximation of the ODE solution: likelihood only
@@ -350,6 +394,24 @@ def run_ours(pb: Problem, solver: str, nfe: int, spacing: str, final: str, dtype
                        seeds=pb.seeds if info.stochastic else None, **options)
 
 
+#: the family name of runs made with the default rule (``run_default``)
+DEFAULT = "default rule"
+
+
+def run_default(pb: Problem, nfe: int, dtype: torch.dtype = DT) -> Dict[str, Any]:
+    """One run of ``ds.sample(model, noise, nfe=nfe)`` with no other option: the library's default rule
+    (``diffsolve.sampling.defaults.default_sampler``)."""
+    from ..sampling.defaults import default_sampler, model_parameterisation
+
+    rule = default_sampler(nfe, pb.process, model_parameterisation(pb.den))
+    opts = "".join(f",{k}={v}" for k, v in rule.options.items())
+    variant = f"{rule.spacing}/{rule.final}{opts}"
+    config = {"solver": rule.solver, "options": dict(rule.options), "spacing": str(rule.spacing),
+              "final": rule.final, "nfe": nfe, "dtype": str(dtype).replace("torch.", "")}
+    row = _row(pb, "diffsolve", DEFAULT, variant, rule.solver, nfe, config, dtype)
+    return _run_sample(pb, row, None, nfe, dtype=dtype)
+
+
 #: the family name of runs made with a tuned profile (``run_profile``)
 TUNED = "tuned profile"
 
@@ -365,7 +427,7 @@ def run_profile(pb: Problem, profile, nfe: int, dtype: torch.dtype = DT) -> Dict
 
 
 def _run_sample(pb: Problem, row: Dict[str, Any], solver: str, nfe: int, **kwargs) -> Dict[str, Any]:
-    pb.net.reset()
+    pb.reset()
     t0 = time.perf_counter()
     try:
         x, si = ds.sample(pb.den, pb.noise, solver, nfe=nfe, return_info=True, **kwargs)
@@ -398,7 +460,7 @@ def run_peer_config(pb: Problem, cfg: P.PeerConfig, budget: Optional[int], dtype
         config.update(peer_setup(cfg, pb.process))
         if tolerance is not None:
             config["options"] = {**config["options"], "rtol": tolerance}
-        pb.net.reset()
+        pb.reset()
         t0 = time.perf_counter()
         out = P.run_peer(cfg, pb.peer_net, pb.process, pb.noise, steps, dtype, tolerance=tolerance)
         wall = time.perf_counter() - t0
@@ -414,14 +476,15 @@ def run_peer_config(pb: Problem, cfg: P.PeerConfig, budget: Optional[int], dtype
 def peer_setup(cfg: P.PeerConfig, process) -> Dict[str, Any]:
     """What else fixes a peer run: the diffusers constructor call, or k-diffusion's sigma range and start."""
     if cfg.library == "diffusers":
-        sched = P.schedule_options(process)
-        if "trained_betas" in sched:
-            sched["trained_betas"] = "1 - alphas_cumprod[t] / alphas_cumprod[t-1] of the model's process"
-        return {"constructor": {**sched, "prediction_type": "epsilon", **cfg.describe()["options"]},
-                "loop": "set_timesteps(steps); x = x_T * init_noise_sigma; per timestep: scale_model_input, net, step"}
+        ctor = {**P.constructor_options(cfg, process), **cfg.describe()["options"]}
+        if "trained_betas" in ctor:
+            ctor["trained_betas"] = "1 - alphas_cumprod[t] / alphas_cumprod[t-1] of the model's process"
+        return {"constructor": ctor,
+                "loop": "set_timesteps(steps); x = noise * init_noise_sigma (1 without one); per timestep: "
+                        "scale_model_input, net, step"}
     tm, tM = torch.tensor(process.t_min, dtype=DT), torch.tensor(process.t_max, dtype=DT)
     return {"sigma_min": float(process.sigma_ve(tm)), "sigma_max": float(process.sigma_ve(tM)),
-            "start": "x_T / alpha(t_max)", "denoiser": "t = t_of_sigma_ve(sigma), c_in = 1/sqrt(1+sigma^2)"}
+            "start": "x_T / alpha(t_max)", "denoiser": "t = t_of_sigma_ve(sigma), the model's x0 at alpha(t) x"}
 
 
 def assign_budget(row: dict, budgets: Sequence[int]) -> None:

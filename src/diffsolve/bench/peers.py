@@ -265,11 +265,73 @@ def kdiffusion_configs(quick: bool = False) -> List[PeerConfig]:
     return C
 
 
-def peer_configs(quick: bool = False, libraries: Optional[Sequence[str]] = None) -> List[PeerConfig]:
+def flow_configs(quick: bool = False) -> List[PeerConfig]:
+    """diffusers' flow-matching samplers, as a flow pipeline (SD3, Flux) configures them with ``shift = 1``:
+    FlowMatchEuler / FlowMatchHeun, and DPM-Solver++ / UniPC on flow sigmas with flow predictions."""
+    C: List[PeerConfig] = []
+
+    def add(family, kind, base, variants, algorithm=""):
+        for variant, opts in variants:
+            C.append(PeerConfig("diffusers", family, variant, kind, {**base, **opts}, algorithm))
+
+    flow = {"use_flow_sigmas": True, "flow_shift": 1.0, "prediction_type": "flow_prediction"}
+    grids = [("default", {})] if quick else [("default", {}), ("karras", {"use_karras_sigmas": True}),
+                                             ("exponential", {"use_exponential_sigmas": True})]
+    add("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", {"shift": 1.0}, grids, "euler")
+    if quick:
+        add("DPMSolverMultistep dpmsolver++ 2M (flow)", "DPMSolverMultistepScheduler",
+            {**flow, "algorithm_type": "dpmsolver++", "solver_order": 2}, [("flow/zero", {"final_sigmas_type": "zero"})],
+            "dpm++2m")
+        return C
+    add("FlowMatchHeun", "FlowMatchHeunDiscreteScheduler", {"shift": 1.0}, [("default", {})], "heun")
+    for order in (2, 3):
+        add(f"DPMSolverMultistep dpmsolver++ {order}M (flow)", "DPMSolverMultistepScheduler",
+            {**flow, "algorithm_type": "dpmsolver++", "solver_order": order},
+            [(f"flow/{f}", {"final_sigmas_type": f}) for f in ("zero", "sigma_min")], f"dpm++{order}m")
+    for variant, order in (("bh2", 2), ("bh2", 3), ("bh1", 2), ("bh1", 3)):
+        add(f"UniPC {variant} order {order} (flow)", "UniPCMultistepScheduler",
+            {**flow, "solver_type": variant, "solver_order": order},
+            [(f"flow/{f}", {"final_sigmas_type": f}) for f in ("zero", "sigma_min")], f"unipc-{variant}")
+    return C
+
+
+def edm_configs(quick: bool = False) -> List[PeerConfig]:
+    """diffusers' EDM samplers (EDMEuler, EDMDPMSolverMultistep) on the model's sigma range and sigma_data."""
+    C: List[PeerConfig] = []
+    schedules = ("karras",) if quick else ("karras", "exponential")
+    finals = ("zero",) if quick else ("zero", "sigma_min")
+    for g in schedules:
+        for f in finals:
+            C.append(PeerConfig("diffusers", "EDMEuler", f"{g}/{f}", "EDMEulerScheduler",
+                                {"sigma_schedule": g, "final_sigmas_type": f}, "euler"))
+            for order in ((2,) if quick else (2, 3)):
+                C.append(PeerConfig("diffusers", f"EDMDPMSolverMultistep dpmsolver++ {order}M", f"{g}/{f}",
+                                    "EDMDPMSolverMultistepScheduler",
+                                    {"sigma_schedule": g, "final_sigmas_type": f, "solver_order": order,
+                                     "algorithm_type": "dpmsolver++"}, f"dpm++{order}m"))
+    return C
+
+
+def peer_family(process) -> Optional[str]:
+    """Which peer samplers fit a process: 'ddpm' (discrete VP), 'flow' (rectified flow), 'edm'; None: none."""
+    from ..processes import EDM, RectifiedFlow, VPDiscrete
+
+    if isinstance(process, VPDiscrete):
+        return "ddpm"
+    if isinstance(process, RectifiedFlow):
+        return "flow"
+    if isinstance(process, EDM):
+        return "edm"
+    return None
+
+
+def peer_configs(quick: bool = False, libraries: Optional[Sequence[str]] = None,
+                 family: str = "ddpm") -> List[PeerConfig]:
+    """The peer configurations for a model family (``peer_family``): diffusers' and k-diffusion's."""
     libs = set(libraries) if libraries is not None else {"diffusers", "k-diffusion"}
     out: List[PeerConfig] = []
     if "diffusers" in libs:
-        out += diffusers_configs(quick)
+        out += {"ddpm": diffusers_configs, "flow": flow_configs, "edm": edm_configs}[family](quick)
     if "k-diffusion" in libs:
         out += kdiffusion_configs(quick)
     return out
@@ -305,6 +367,18 @@ def _quiet_diffusers() -> None:
         _QUIET = True
 
 
+def constructor_options(cfg: PeerConfig, process) -> Dict[str, Any]:
+    """The diffusers constructor call of a configuration on ``process``: the DDPM schedule and epsilon
+    predictions (discrete VP), the flow sigmas (rectified flow) or EDM's sigma range and sigma_data."""
+    fam = peer_family(process)
+    if fam == "flow":
+        return {"num_train_timesteps": 1000, **cfg.options}
+    if fam == "edm":
+        return {"sigma_min": process.sigma_min, "sigma_max": process.sigma_max, "sigma_data": process.sigma_data,
+                "prediction_type": "epsilon", **cfg.options}
+    return {**schedule_options(process), "prediction_type": "epsilon", **cfg.options}
+
+
 def make_scheduler(cfg: PeerConfig, process):
     _quiet_diffusers()
     import diffusers.schedulers as S
@@ -312,7 +386,7 @@ def make_scheduler(cfg: PeerConfig, process):
     cls = getattr(S, cfg.kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(**schedule_options(process), prediction_type="epsilon", **cfg.options)
+        return cls(**constructor_options(cfg, process))
 
 
 def diffusers_nfe(sched, n: int) -> int:
@@ -371,7 +445,8 @@ def run_diffusers(cfg: PeerConfig, net, process, x_T: Tensor, steps: int, dtype:
         sched.set_timesteps(steps)
     if float64_schedule and torch.is_tensor(getattr(sched, "sigmas", None)):
         sched.sigmas = sched.sigmas.to(DT)
-    scale = sched.init_noise_sigma
+    fam = peer_family(process)
+    scale = getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start from the noise itself
     if exact_start and cfg.kind in _VE_SCHEDULERS:
         scale = math.sqrt(float(sched.sigmas[0]) ** 2 + 1)
     x = x_T.to(dtype) * scale
@@ -382,11 +457,13 @@ def run_diffusers(cfg: PeerConfig, net, process, x_T: Tensor, steps: int, dtype:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for t in sched.timesteps:
-            inp = sched.scale_model_input(x, t)
-            eps = net(inp, t.to(DT).expand(b))
-            x = sched.step(eps, t, x, **step_kw).prev_sample
+            inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+            out = net(inp, t.to(DT).expand(b))
+            x = sched.step(out, t, x, **step_kw).prev_sample
     if hasattr(sched, "sigmas") and cfg.kind not in ("DDIMScheduler", "PNDMScheduler"):
         last = float(sched.sigmas[-1])
+        if fam == "flow":  # flow sigma s: x = (1 - s) x0 + s eps, so sigma / alpha = s / (1 - s)
+            last = last / (1.0 - last)
     else:
         last = _ddim_final_sigma(sched)
     view = "ve" if cfg.kind in _VE_SCHEDULERS else "vp"
@@ -412,6 +489,48 @@ class KDenoiser:
         shape = (-1,) + (1,) * (x.dim() - 1)
         eps = self.net(x * c_in.reshape(shape), t, **kwargs)
         return x - eps.to(x.dtype) * sigma.to(x.dtype).reshape(shape)
+
+
+class PeerModel:
+    """The network as each peer's loop calls it, for any model (``ds.Model``): one model evaluation per call.
+
+    Called as ``net(x, timestep)`` by a diffusers loop, it answers what the scheduler expects for the model's
+    family: epsilon at the VP state and DDPM timestep (discrete VP); the flow velocity ``eps - x0`` at the flow
+    state and ``timestep = 1000 sigma`` (rectified flow; sigma = 1, where pure noise carries no x0 and our process
+    ends at t_max < 1, is evaluated at t_max); EDM's raw output F at the input ``c_in x`` and
+    ``c_noise = log(sigma) / 4``, so that ``c_skip x + c_out F`` is the model's x0 (EDM).  ``denoised_ve`` is
+    k-diffusion's ``model(x, sigma)`` in the VE view."""
+
+    def __init__(self, model):
+        self.model, self.process = model, model.process
+        self.family = peer_family(model.process)
+
+    def _eval(self, x: Tensor, t: Tensor):
+        return self.model.evaluate(x, t.to(DT), {})
+
+    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+        if self.family == "flow":  # sigma = 1 (the schedulers' first point) is evaluated at the model's t_max
+            p = self._eval(x, (timestep.to(DT) / 1000.0).clamp(max=self.process.t_max))
+            return (p.eps - p.x0).to(x.dtype)
+        if self.family == "edm":
+            sigma = torch.exp(4.0 * timestep.to(DT))
+            k = self._coeffs(sigma, x.dim())
+            xs = x.to(DT) / k["c_in"]
+            p = self._eval(xs, sigma)
+            return ((p.x0.to(DT) - k["c_skip"] * xs) / k["c_out"]).to(x.dtype)
+        return self._eval(x, timestep).eps.to(x.dtype)
+
+    def _coeffs(self, sigma: Tensor, ndim: int) -> Dict[str, Tensor]:
+        from ..adapters.parameterisation import edm_coefficients
+
+        shape = (-1,) + (1,) * (ndim - 1)
+        return {k: v.reshape(shape) for k, v in edm_coefficients(sigma, self.process.sigma_data).items()}
+
+    def denoised_ve(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        s = sigma.to(DT)
+        t = self.process.t_of_sigma_ve(s)
+        a = self.process.alpha(t).reshape((-1,) + (1,) * (x.dim() - 1))
+        return self._eval(x.to(DT) * a, t).x0.to(x.dtype)
 
 
 @contextlib.contextmanager
@@ -447,14 +566,15 @@ def k_nfe(cfg: PeerConfig, n: int) -> int:
 def run_kdiffusion(cfg: PeerConfig, net, process, x_T: Tensor, steps: int, dtype: torch.dtype,
                    tolerance: Optional[float] = None) -> PeerOutput:
     K = load_k_sampling()
-    den = KDenoiser(net, process)
+    den = net.denoised_ve if isinstance(net, PeerModel) else KDenoiser(net, process)
     t_lo, t_hi = torch.tensor(process.t_min, dtype=DT), torch.tensor(process.t_max, dtype=DT)
     smin, smax = float(process.sigma_ve(t_lo)), float(process.sigma_ve(t_hi))
     a_max = float(process.alpha(t_hi))
     opts = {k: v for k, v in cfg.options.items() if k != "grid"}
     info: Dict[str, Any] = {}
     with default_dtype(dtype), torch.no_grad():
-        x = (x_T.to(DT) / a_max).to(dtype)  # the VE image of our x_T at t_max (same start for everyone)
+        # the VE image of our start at t_max (same start for everyone)
+        x = (process.prior_from_noise(x_T.to(DT)) / a_max).to(dtype)
         if cfg.kind == "sample_dpm_fast":
             out = K.sample_dpm_fast(den, x, smin, smax, steps, disable=True, **opts)
             last = smin

@@ -186,7 +186,8 @@ TeacherSpec = Union[str, Teacher, GaussianMixture, None]
 
 def make_teacher(spec: TeacherSpec, model: Model, reference: Optional[GaussianMixture] = None,
                  nfe: int = 100) -> Teacher:
-    """A teacher from a spec: None/'auto' (``ModelTeacher`` with dpm++3m and ``nfe``), 'solver:nfe', 'exact'
+    """A teacher from a spec: None/'auto' (``ModelTeacher`` with dpm++3m and ``nfe``), 'solver:nfe[:spacing]' (grid
+    default logsnr), 'exact'
     (needs ``reference``), a ``GaussianMixture`` (exact) or a ``Teacher`` (returned as is)."""
     if spec is None or spec == "auto":
         return ModelTeacher(model, nfe=nfe)
@@ -199,11 +200,12 @@ def make_teacher(spec: TeacherSpec, model: Model, reference: Optional[GaussianMi
             if reference is None:
                 raise ValueError("teacher='exact' needs the GaussianMixture reference (reference=...)")
             return ExactTeacher(reference, model.process)
-        name, _, n = spec.partition(":")
+        name, _, rest = spec.partition(":")
+        n, _, spacing = rest.partition(":")
         try:
             k = int(n) if n else nfe
         except ValueError:
             raise ValueError(f"teacher {spec!r}: the NFE after ':' must be an integer") from None
-        return ModelTeacher(model, name, k)
-    raise TypeError(f"teacher must be 'solver:nfe', 'exact', a GaussianMixture or a Teacher, got {spec!r}")
+        return ModelTeacher(model, name, k, spacing or "logsnr")
+    raise TypeError(f"teacher must be 'solver:nfe[:spacing]', 'exact', a GaussianMixture or a Teacher, got {spec!r}")
 

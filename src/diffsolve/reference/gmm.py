@@ -68,14 +68,27 @@ class ClosedFormPrior:
         x0, eps = self.posterior(x, process, t)
         return -eps / process.sigma(torch.as_tensor(t, dtype=DT))
 
-    def network(self, process: NoiseProcess, prediction: str = "x0") -> Callable[[Tensor, Tensor], Tensor]:
-        """A 'network' net(x, t) that outputs the exact ``prediction`` (t: process time, shape [B])."""
+    def network(self, process: NoiseProcess, prediction: str = "x0",
+                sigma_data: Optional[float] = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """A 'network' net(x, t) that outputs the exact ``prediction`` (t: process time, shape [B]).
+
+        A preconditioned prediction ('edm') sees what an EDM network sees, as ``Denoiser`` feeds it: the input
+        c_in x~ and the time c_noise = log(sigma/alpha) / 4 (``sigma_data``: the process's, else 0.5)."""
+        from ..adapters.parameterisation import edm_coefficients, get_parameterisation
+
+        pre = get_parameterisation(prediction).preconditioned
+        sd = float(sigma_data if sigma_data is not None else getattr(process, "sigma_data", 0.5))
 
         def net(x: Tensor, t: Tensor, **_: object) -> Tensor:
             t = torch.as_tensor(t, dtype=DT)
-            x0, eps = self.posterior(x, process, t)
             shape = (-1,) + (1,) * (x.dim() - 1)
-            return outputs_from(x0, eps, process, t.reshape(shape), prediction).to(x.dtype)
+            xs = x.to(DT)
+            if pre:  # undo the preconditioning: x = alpha x~, x~ = input / c_in
+                s_ve = torch.exp(4 * t)
+                t = process.t_of_sigma_ve(s_ve)
+                xs = xs / edm_coefficients(s_ve, sd)["c_in"].reshape(shape) * process.alpha(t).reshape(shape)
+            x0, eps = self.posterior(xs, process, t)
+            return outputs_from(x0, eps, process, t.reshape(shape), prediction, sigma_data=sd).to(x.dtype)
 
         return net
 

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Our default, our tuned profile and the best peer configuration on every shipped model, per NFE.
+
+For each model spec (``diffsolve.bench.models``: ``mnist``, ``mnist-flow``, ``mnist-cfg@1.5`` ...) one seeded
+noise batch (the bench's, seed 0) is sampled at NFE 5, 6, 8, 10, 15 and 20 by
+
+* the default rule (``ds.sample(model, noise, nfe=k)``, nothing else),
+* the tuned profile ``docs/profiles/<model>.json`` when it exists (``diffsolve tune`` on calibration seeds; this
+  noise is never seen by the tuner); ``--tune`` makes it first (the tuner's 5-minute default budget),
+* the peers of the model's family (``diffsolve.bench.peers``: diffusers' DDPM, flow-matching or EDM schedulers and
+  k-diffusion's samplers), each through its own code, the best configuration per NFE kept,
+
+and scored by RMSE to a converged reference of the same model (``--ref``: solver:NFE:grid, see
+``benchmarks/reference_convergence.py``) and, on 28x28 models, by FD-LeNet (with the floor of real images at
+the same sample size).  Only runs that end at clean data or at sigma/alpha <= ``STOP_MAX`` are ranked: a run that
+stops at a larger noise level returns visibly noisy images, however close to the ODE state there.  Writes
+``{out}/<model>/rows.json`` (a rerun skips finished models), picture grids (NFE 5 and 10, ours vs the best peer,
+same noise) and ``{out}/real_models.md``.
+
+    python benchmarks/real_models.py --models mnist,mnist-flow,mnist-cfg@1.5,mnist-cfg@3,digits-edm,digits-v --out docs/real_models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import diffsolve as ds
+from diffsolve.bench import harness as H
+from diffsolve.bench import peers as P
+from diffsolve.bench.models import load_spec
+
+NFES = (5, 6, 8, 10, 15, 20)
+STOP_MAX = 0.02  # sigma/alpha above which a run that stops early is not ranked
+# the DDPM peers worth running (the full list of the bench, ~100 configurations, is trimmed to the families and
+# grids that were ever best or close on the mixtures and MNIST: docs/benchmarks.md, docs/mnist_bench.md)
+DDPM_KEEP = {
+    "DDIM": ("trailing/alpha1", "leading/alpha1"),
+    "DPMSolverMultistep dpmsolver++ 2M": None, "DPMSolverMultistep dpmsolver++ 3M": None,
+    "UniPC bh2 order 2": ("linspace/zero", "linspace/sigma_min", "trailing/zero", "trailing/sigma_min",
+                          "karras/sigma_min"),
+    "UniPC bh2 order 3": None, "UniPC bh1 order 3": None, "DEIS order 3": ("linspace", "trailing"),
+    "Euler": ("trailing/zero", "karras/zero"),
+}
+K_KEEP = ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde (eta=0)")
+
+
+def slug(spec: str) -> str:
+    return spec.replace("@", "_w").replace("/", "_")
+
+
+def fine_grid(process) -> str:
+    return "karras" if isinstance(process, ds.EDM) else "uniform"
+
+
+def peers_for(family: str, quick: bool) -> List[P.PeerConfig]:
+    cfgs = [c for c in P.peer_configs(quick, None, family) if not c.adaptive]
+    out = []
+    for c in cfgs:
+        if c.library == "k-diffusion":
+            if c.family in K_KEEP:
+                out.append(c)
+        elif family != "ddpm" or quick:
+            out.append(c)
+        elif c.family in DDPM_KEEP and (DDPM_KEEP[c.family] is None or c.variant in DDPM_KEEP[c.family]):
+            out.append(c)
+    return out
+
+
+def candidates(process, short: bool = False):
+    """Default-rule candidates: third- and second-order multistep solvers on the plausible grids, both last steps."""
+    from diffsolve.sampling.defaults import PowerSpacing
+    solvers = [("unipc-bh1", {"order": 3}), ("unipc-bh2", {"order": 3}), ("unipc-bh2", {"order": 2}),
+               ("dpm++2m", {})] + ([] if short else [("dpm++3m", {})])
+    spacings: List[Any] = ["uniform", "logsnr", "karras", PowerSpacing(1.5)] + ([] if short else [PowerSpacing(2.0)])
+    if getattr(process, "num_train_timesteps", None) is not None:
+        spacings.append("linspace")
+    finals = ("t_min",) if short else ("t_min", "denoise")
+    return [(s, o, sp, f) for s, o in solvers for sp in spacings for f in finals]
+
+
+def ranked(r: Dict[str, Any]) -> bool:
+    if r.get("error") or not isinstance(r.get("rmse"), float) or not math.isfinite(r["rmse"]):
+        return False
+    if r["endpoint"] in ("jump", "sigma=0"):
+        return True
+    return r["_sigma_stop"] <= STOP_MAX
+
+
+def fd_floor(n: int, seed: int = 0) -> Optional[float]:
+    """FD-LeNet of n real MNIST images (random, fixed seed) against the statistics of all 5000."""
+    from diffsolve.evaluation.metrics import default_metric
+    from diffsolve.util.datasets import load_dataset
+    x = load_dataset("mnist")
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return float(default_metric().score(x[idx].float()).fd_lenet)
+
+
+def run_model(spec: str, a) -> Dict[str, Any]:
+    model, den = load_spec(spec, 4096)
+    g = fine_grid(model.process)
+    solver, nfe_ref, spacing = (a.ref.split(":") + ["", ""])[:3]
+    t0 = time.perf_counter()
+    pb = H.model_problem(model, a.batch, a.seed, None, int(nfe_ref), name=spec, ref_solver=solver,
+                         ref_spacing=spacing or g)
+    ref_s = time.perf_counter() - t0
+    profile = None
+    ppath = os.path.join(a.profiles, slug(spec) + ".json")
+    if a.tune and not os.path.exists(ppath):
+        ds.tune(model, nfes=NFES, out=ppath, progress=False, log=print)
+    if os.path.exists(ppath):
+        from diffsolve.tuning import load_profile
+        profile = load_profile(ppath)
+    rows: List[Dict[str, Any]] = []
+    for n in NFES:
+        rows.append(H.run_default(pb, n))
+        if profile is not None and n in profile.entries:
+            rows.append(H.run_profile(pb, profile, n))
+    if a.candidates:
+        for solver, opts, sp, fin in candidates(pb.process, a.candidates == "short"):
+            for n in NFES:
+                r = H.run_ours(pb, solver, n, sp, fin, **opts)
+                r["family"] = "candidate"
+                r["variant"] = f"{solver}{''.join(f',{k}={v}' for k, v in opts.items())} {sp}/{fin}"
+                rows.append(r)
+        print(f"  {spec}: candidates done", flush=True)
+    for c in peers_for(pb.family, a.quick):
+        for n in NFES:
+            rows.append(H.run_peer_config(pb, c, n, torch.float32))
+        print(f"  {spec}: {c.library} {c.family} {c.variant} done", flush=True)
+    for r in rows:
+        r["_sigma_stop"] = (float(pb.process.sigma_ve(torch.tensor(float(r["t_stop"]), dtype=torch.float64)))
+                            if r.get("t_stop") not in ("", None) else 0.0)
+    return {"model": spec, "batch": a.batch, "seed": a.seed, "reference": f"{solver}:{nfe_ref}:{spacing or g}",
+            "reference_seconds": ref_s, "profile": ppath if profile is not None else None,
+            "process": type(pb.process).__name__, "family": pb.family,
+            "fd_floor": fd_floor(a.batch) if pb.shape == (1, 28, 28) else None,
+            "rows": [{k: v for k, v in r.items() if k != "config"} | {"config": json.dumps(r["config"], default=str)}
+                     for r in rows], "_pb": pb}
+
+
+def best(rows, nfe, pick) -> Optional[Dict[str, Any]]:
+    c = [r for r in rows if r["nfe_budget"] == nfe and pick(r) and ranked(r)]
+    return min(c, key=lambda r: r["rmse"]) if c else None
+
+
+def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) -> List[str]:
+    """PNG grids at NFE 5 and 10: the default rule and the best peer from the same (first n_show) noise."""
+    from diffsolve.util.images import save_labelled_grids
+    files = []
+    if len(pb.shape) != 3:
+        return files
+    rows = res["rows"]
+    by_name = {(c.library, c.family, c.variant): c for c in P.peer_configs(False, None, pb.family)}
+    for n in (5, 10):
+        bp = best(rows, n, lambda r: r["library"] != "diffsolve")
+        ours = ds.sample(pb.den, pb.noise[:n_show], nfe=n).float()
+        panels = [("default rule", ours)]
+        if bp is not None:
+            cfg = by_name[(bp["library"], bp["family"], bp["variant"])]
+            steps = P.plan_steps(cfg, pb.process, n)
+            o = P.run_peer(cfg, pb.peer_net, pb.process, pb.noise[:n_show], steps, torch.float32)
+            x = o.x.to(torch.float64)
+            if o.view == "ve" and o.last_sigma > 0:
+                t = pb.process.t_of_sigma_ve(torch.tensor(o.last_sigma, dtype=torch.float64))
+                x = x * pb.process.alpha(t)
+            panels.append((f"{bp['library']} {bp['family']} {bp['variant']}", x.float()))
+        f = os.path.join(out_dir, f"nfe{n}.png")
+        save_labelled_grids([x.clamp(-1, 1) for _, x in panels], [f"{lab} (NFE {n})" for lab, _ in panels], f)
+        files.append(f)
+    return files
+
+
+def render(results: List[Dict[str, Any]], out: str) -> str:
+    L = ["| model | NFE | default rule | tuned profile | best peer (configuration) | default / peer | tuned / peer |"
+         " FD-LeNet default | FD-LeNet tuned | FD-LeNet peer | FD floor |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        rows = res["rows"]
+        for n in NFES:
+            d = best(rows, n, lambda r: r["family"] == H.DEFAULT)
+            t = best(rows, n, lambda r: r["family"] == H.TUNED)
+            p = best(rows, n, lambda r: r["library"] != "diffsolve")
+            f = lambda r, k="rmse": "—" if r is None or r.get(k) in ("", None) else f"{float(r[k]):.3g}"  # noqa
+            ratio = lambda r: "—" if r is None or p is None else f"**{r['rmse'] / p['rmse']:.2f}**"  # noqa
+            pc = "—" if p is None else f"{f(p)} ({p['library']} {p['family']}, {p['variant']})"
+            fl = "—" if res["fd_floor"] is None else f"{res['fd_floor']:.1f}"
+            L.append(f"| {res['model']} | {n} | {f(d)} | {f(t)} | {pc} | {ratio(d)} | {ratio(t)} | "
+                     f"{f(d, 'fd_lenet')} | {f(t, 'fd_lenet')} | {f(p, 'fd_lenet')} | {fl} |")
+    return "\n".join(L)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--models", default="mnist,mnist-flow,mnist-cfg@1.5,mnist-cfg@3,digits-edm,digits-v")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ref", default="dpm++3m:500", help="reference solver:NFE[:grid] (grid: uniform, EDM karras)")
+    ap.add_argument("--profiles", default="docs/profiles")
+    ap.add_argument("--tune", action="store_true", help="tune a profile first where none exists")
+    ap.add_argument("--quick", action="store_true", help="the bench's quick peer subsets")
+    ap.add_argument("--candidates", choices=("all", "short"), default=None,
+                    help="also run the default-rule candidates (short: 4 solvers x 4-5 grids, t_min)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="out/real_models")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = []
+    for spec in a.models.split(","):
+        d = os.path.join(a.out, slug(spec))
+        path = os.path.join(d, "rows.json")
+        if os.path.exists(path):
+            results.append(json.load(open(path)))
+            continue
+        os.makedirs(d, exist_ok=True)
+        res = run_model(spec, a)
+        pb = res.pop("_pb")
+        res["grids"] = grids(res, pb, d)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        results.append(res)
+    print(render(results, a.out))
+
+
+if __name__ == "__main__":
+    main()
