@@ -16,7 +16,16 @@ from typing import Any
 
 from . import grids, inverse, reference
 from . import solvers as _solvers_pkg
-from .adapters import Conditioned, Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, edm_coefficients, outputs_from
+from .adapters import (
+    Conditioned,
+    Denoiser,
+    Model,
+    ModelWrapper,
+    NonFiniteError,
+    Prediction,
+    edm_coefficients,
+    outputs_from,
+)
 from .adapters.identity import ModelMismatch
 from .grids import TimeGrid, explicit, make_grid
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance

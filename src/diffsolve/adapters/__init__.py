@@ -1,6 +1,16 @@
 """Model adapters: the parameterisation table, ``Denoiser`` and the ``Model`` protocol, model identity and
 derivatives."""
-from .denoiser import Conditioned, Denoiser, Model, ModelWrapper, NonFiniteError, Prediction, base_model, outputs_from, state_dtype
+from .denoiser import (
+           Conditioned,
+           Denoiser,
+           Model,
+           ModelWrapper,
+           NonFiniteError,
+           Prediction,
+           base_model,
+           outputs_from,
+           state_dtype,
+)
 from .identity import IdentityCheck, ModelMismatch, model_fingerprint
 from .parameterisation import PARAMETERISATIONS, PREDICTIONS, Parameterisation, edm_coefficients, get_parameterisation
 
