@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,10 +52,6 @@ K_KEEP = ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde (eta=0)")
 
 def slug(spec: str) -> str:
     return spec.replace("@", "_w").replace("/", "_")
-
-
-def fine_grid(process) -> str:
-    return "karras" if isinstance(process, ds.EDM) else "uniform"
 
 
 def peers_for(family: str, quick: bool) -> List[P.PeerConfig]:
@@ -101,47 +97,76 @@ def fd_floor(n: int, seed: int = 0) -> Optional[float]:
     return float(default_metric().score(x[idx].float()).fd_lenet)
 
 
-def run_model(spec: str, a) -> Dict[str, Any]:
+def _rows_of(rows, family=None, library=None) -> set:
+    return {(r["library"], r["family"], r["variant"], r["nfe_budget"]) for r in rows
+            if (family is None or r["family"] == family) and (library is None or r["library"] == library)}
+
+
+def run_model(spec: str, a, res: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Optional[H.Problem]]:
+    """The rows of one model: those already in ``res`` are kept, the missing ones are run (the problem and its
+    reference are only built when something is missing)."""
     model, den = load_spec(spec, 4096)
-    g = fine_grid(model.process)
     solver, nfe_ref, spacing = (a.ref.split(":") + ["", ""])[:3]
-    t0 = time.perf_counter()
-    pb = H.model_problem(model, a.batch, a.seed, None, int(nfe_ref), name=spec, ref_solver=solver,
-                         ref_spacing=spacing or g)
-    ref_s = time.perf_counter() - t0
-    profile = None
+    spacing = spacing or H.fine_grid(model.process)
     ppath = os.path.join(a.profiles, slug(spec) + ".json")
     if a.tune and not os.path.exists(ppath):
         ds.tune(model, nfes=NFES, out=ppath, progress=False, log=print)
-    if os.path.exists(ppath):
-        from diffsolve.tuning import load_profile
-        profile = load_profile(ppath)
-    rows: List[Dict[str, Any]] = []
-    for n in NFES:
-        rows.append(H.run_default(pb, n))
-        if profile is not None and n in profile.entries:
-            rows.append(H.run_profile(pb, profile, n))
-    if a.candidates:
-        for solver, opts, sp, fin in candidates(pb.process, a.candidates == "short"):
-            for n in NFES:
-                r = H.run_ours(pb, solver, n, sp, fin, **opts)
-                r["family"] = "candidate"
-                r["variant"] = f"{solver}{''.join(f',{k}={v}' for k, v in opts.items())} {sp}/{fin}"
-                rows.append(r)
-        print(f"  {spec}: candidates done", flush=True)
-    for c in peers_for(pb.family, a.quick):
-        for n in NFES:
-            rows.append(H.run_peer_config(pb, c, n, torch.float32))
-        print(f"  {spec}: {c.library} {c.family} {c.variant} done", flush=True)
-    for r in rows:
+    from diffsolve.tuning import load_profile
+    profile = load_profile(ppath) if os.path.exists(ppath) else None
+    res = res or {"model": spec, "batch": a.batch, "seed": a.seed, "reference": f"{solver}:{nfe_ref}:{spacing}",
+                  "rows": []}
+    rows: List[Dict[str, Any]] = res["rows"]
+    have = _rows_of(rows)
+    state: Dict[str, Any] = {}
+
+    def problem() -> H.Problem:
+        if "pb" not in state:
+            t0 = time.perf_counter()
+            state["pb"] = H.model_problem(model, a.batch, a.seed, None, int(nfe_ref), name=spec, ref_solver=solver,
+                                          ref_spacing=spacing)
+            res["reference_seconds"] = time.perf_counter() - t0
+        return state["pb"]
+
+    def add(r: Dict[str, Any]) -> None:
+        pb = problem()
         r["_sigma_stop"] = (float(pb.process.sigma_ve(torch.tensor(float(r["t_stop"]), dtype=torch.float64)))
                             if r.get("t_stop") not in ("", None) else 0.0)
-    return {"model": spec, "batch": a.batch, "seed": a.seed, "reference": f"{solver}:{nfe_ref}:{spacing or g}",
-            "reference_seconds": ref_s, "profile": ppath if profile is not None else None,
-            "process": type(pb.process).__name__, "family": pb.family,
-            "fd_floor": fd_floor(a.batch) if pb.shape == (1, 28, 28) else None,
-            "rows": [{k: v for k, v in r.items() if k != "config"} | {"config": json.dumps(r["config"], default=str)}
-                     for r in rows], "_pb": pb}
+        r["config"] = json.dumps(r["config"], default=str)
+        rows.append(r)
+
+    from diffsolve.sampling.defaults import default_sampler, model_parameterisation
+    for n in NFES:
+        rule = default_sampler(n, model.process, model_parameterisation(model))
+        key = f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
+        if ("diffsolve", H.DEFAULT, key, n) not in have:
+            add(H.run_default(problem(), n))
+    if profile is not None and res.get("profile_created") != profile.meta.get("created"):
+        rows[:] = [r for r in rows if r["family"] != H.TUNED]  # a new profile replaces the old one's rows
+        for n in NFES:
+            if n in profile.entries:
+                add(H.run_profile(problem(), profile, n))
+        res["profile"], res["profile_created"] = ppath, profile.meta.get("created")
+        res["profile_cut"] = profile.meta.get("cut", [])
+    if a.candidates:
+        for solver_, opts, sp, fin in candidates(model.process, a.candidates == "short"):
+            variant = f"{solver_}{''.join(f',{k}={v}' for k, v in opts.items())} {sp}/{fin}"
+            for n in NFES:
+                if ("diffsolve", "candidate", variant, n) not in have:
+                    r = H.run_ours(problem(), solver_, n, sp, fin, **opts)
+                    r["family"], r["variant"] = "candidate", variant
+                    add(r)
+        print(f"  {spec}: candidates done", flush=True)
+    family = P.peer_family(model.process)
+    for c in peers_for(family, a.quick):
+        if any((c.library, c.family, c.variant, n) not in have for n in NFES):
+            for n in NFES:
+                if (c.library, c.family, c.variant, n) not in have:
+                    add(H.run_peer_config(problem(), c, n, torch.float32))
+            print(f"  {spec}: {c.library} {c.family} {c.variant} done", flush=True)
+    res.update(process=type(model.process).__name__, family=family)
+    if "fd_floor" not in res:
+        res["fd_floor"] = fd_floor(a.batch) if tuple(den.sample_shape) == (1, 28, 28) else None
+    return res, state.get("pb")
 
 
 def best(rows, nfe, pick) -> Optional[Dict[str, Any]]:
@@ -160,7 +185,7 @@ def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) ->
     for n in (5, 10):
         bp = best(rows, n, lambda r: r["library"] != "diffsolve")
         ours = ds.sample(pb.den, pb.noise[:n_show], nfe=n).float()
-        panels = [("default rule", ours)]
+        panels = [("ours: default rule", ours)]
         if bp is not None:
             cfg = by_name[(bp["library"], bp["family"], bp["variant"])]
             steps = P.plan_steps(cfg, pb.process, n)
@@ -169,9 +194,11 @@ def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) ->
             if o.view == "ve" and o.last_sigma > 0:
                 t = pb.process.t_of_sigma_ve(torch.tensor(o.last_sigma, dtype=torch.float64))
                 x = x * pb.process.alpha(t)
-            panels.append((f"{bp['library']} {bp['family']} {bp['variant']}", x.float()))
+            panels.append((f"best peer: {bp['library']} {bp['family']}", x.float()))
         f = os.path.join(out_dir, f"nfe{n}.png")
-        save_labelled_grids([x.clamp(-1, 1) for _, x in panels], [f"{lab} (NFE {n})" for lab, _ in panels], f)
+        scale = max(2, 84 // pb.shape[-1])
+        save_labelled_grids([x.clamp(-1, 1) for _, x in panels], [f"{lab} (NFE {n})" for lab, _ in panels], f,
+                            nrow=8, scale=scale)
         files.append(f)
     return files
 
@@ -207,6 +234,7 @@ def main() -> None:
     ap.add_argument("--candidates", choices=("all", "short"), default=None,
                     help="also run the default-rule candidates (short: 4 solvers x 4-5 grids, t_min)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grids", action="store_true", help="redraw the picture grids")
     ap.add_argument("--out", default="out/real_models")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -214,17 +242,18 @@ def main() -> None:
     for spec in a.models.split(","):
         d = os.path.join(a.out, slug(spec))
         path = os.path.join(d, "rows.json")
-        if os.path.exists(path):
-            results.append(json.load(open(path)))
-            continue
+        old = json.load(open(path)) if os.path.exists(path) else None
         os.makedirs(d, exist_ok=True)
-        res = run_model(spec, a)
-        pb = res.pop("_pb")
-        res["grids"] = grids(res, pb, d)
+        res, pb = run_model(spec, a, old)
+        if pb is not None or not res.get("grids") or a.grids:
+            res["grids"] = grids(res, pb or H.model_problem(load_spec(spec, 4096)[0], a.batch, a.seed, None, 20), d)
         with open(path, "w") as f:
             json.dump(res, f, indent=1, default=str)
         results.append(res)
-    print(render(results, a.out))
+    text = render(results, a.out)
+    with open(os.path.join(a.out, "real_models_tables.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

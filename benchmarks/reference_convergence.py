@@ -46,7 +46,8 @@ def solutions(process) -> List[Tuple[str, str, Dict, str, int]]:
             ("dpm++3m-500", "dpm++3m", {}, g, 500),
             ("dpm++3m-1000", "dpm++3m", {}, g, 1000),
             ("unipc3-1000-logsnr", "unipc-bh2", {"order": 3}, "logsnr", 1000),
-            ("dpm++3m-200-logsnr", "dpm++3m", {}, "logsnr", 200)]
+            ("dpm++3m-200-logsnr", "dpm++3m", {}, "logsnr", 200),
+            ("dpm++3m-100", "dpm++3m", {}, g, 100)]
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,10 +72,11 @@ def study(spec: str, batch: int, seed: int = 0) -> Dict:
 
 def table(results: List[Dict]) -> str:
     keys = ["dpm++3m-500 vs dpm++3m-1000", "ddim-1000 vs dpm++3m-1000", "dpm++3m-1000 vs unipc3-1000-logsnr",
-            "dpm++3m-1000 vs dpm++3m-200-logsnr"]
+            "dpm++3m-1000 vs dpm++3m-200-logsnr", "dpm++3m-1000 vs dpm++3m-100"]
     lines = ["| model | fine grid | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in results:
-        lines.append(f"| {r['model']} | {r['fine_grid']} | " + " | ".join(f"{r['pairs'][k]:.1e}" for k in keys) + " |")
+        lines.append(f"| {r['model']} | {r['fine_grid']} | " + " | ".join(
+            f"{r['pairs'][k]:.1e}" if k in r["pairs"] else "—" for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -187,5 +187,6 @@ def test_model_demo_writes_grid_and_metrics(tmp_path, capsys):
     code, stdout, _ = run(["demo", "--images", 4, "--nfe", 3, "--out", tmp_path], capsys)
     assert code == 0, stdout
     res = json.loads((tmp_path / "demo.json").read_text())
-    assert [r["nfe"] for r in res["runs"]] == [3, 100]
+    assert [(r["sampler"], r["nfe"]) for r in res["runs"]] == [("default", 3), ("previous default", 3),
+                                                              ("reference", 100)]
     assert all(r["fd_lenet"] > 0 for r in res["runs"]) and (tmp_path / "demo.png").stat().st_size > 0

@@ -190,19 +190,23 @@ def test_explicit_arguments_keep_their_meaning():
 # ----------------------------------------------------------------------------------------
 def test_the_choice_is_documented():
     """The table in the module docstring is the rule itself (``rule_table()``), and docs/default_rule.md
-    shows the same table."""
+    shows the same table: for every process kind and NFE, its row says what default_sampler returns."""
     table = defaults.rule_table()
     assert table in defaults.__doc__
     lines = table.splitlines()
-    for kind, spacing in defaults.SPACING_BY_KIND.items():
-        assert f"`{kind}`" in lines[0] and (spacing in ("index", "power") or f"`{spacing}`" in table)
-    for n in NFES:  # the row of every NFE says what default_sampler returns
-        c = default_sampler(n, "VPDiscrete", "epsilon")
-        row = next(line for line in lines[2:] if line.startswith(f"| {defaults.band_label(n)} |"))
-        opts = ", ".join(f"{k}={v}" for k, v in c.options.items())
-        assert f"`{c.solver}`" in row and opts in row and f"`{c.final}`" in row
-        spacing = f"power {c.spacing.p:g}" if isinstance(c.spacing, defaults.PowerSpacing) else f"`{c.spacing}`"
-        assert row.split(" | ")[4] == spacing  # the column of the discrete kind
+    kinds = {"discrete": "VPDiscrete", "VPContinuous": "VPContinuous", "RectifiedFlow": "RectifiedFlow",
+             "EDM": "EDM", "VE": "VE"}
+    for kind, name in kinds.items():
+        group = defaults.GROUP_OF_KIND[kind]
+        for n in NFES:
+            c = default_sampler(n, make_process(name), "epsilon")
+            row = next(line for line in lines[2:] if f"`{kind}`" in line.split(" | ")[0]
+                       and line.split(" | ")[1] == defaults.band_label(n, group))
+            cells = row.split(" | ")
+            opts = ", ".join(f"{k}={v}" for k, v in c.options.items()) or "-"
+            spacing = f"power {c.spacing.p:g}" if isinstance(c.spacing, defaults.PowerSpacing) else f"`{c.spacing}`"
+            assert cells[2] == f"`{c.solver}`" and cells[3] == opts and cells[4] == spacing, (kind, n, row)
+            assert cells[5].rstrip(" |") == f"`{c.final}`"
     doc = DOC.read_text()
     assert table in doc
     assert "python benchmarks/default_rule.py" in doc

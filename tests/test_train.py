@@ -278,4 +278,4 @@ def test_shipped_model_and_demo(tmp_path):
     assert (ckpt.BUILTIN_MODELS["mnist"] / "model.safetensors").stat().st_size <= 10 * 2**20
     r = demo_model(tmp_path, n=4)
     assert (tmp_path / "demo.png").exists()
-    assert 0 < r["rmse"][10] < r["rmse"][5]
+    assert 0 < r["rmse"]["default"][10] < r["rmse"]["default"][5]

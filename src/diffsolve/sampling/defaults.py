@@ -4,30 +4,34 @@
 a pure function of the NFE budget, the kind of process (``process_kind``) and the parameterisation; nothing
 else of the model is read.
 
-| NFE | solver | options | final | spacing: `discrete` | spacing: `VPDiscrete`, `VPContinuous` | spacing: `RectifiedFlow`, `AffineInterpolant` | spacing: `VE`, `EDM` | spacing: `other` |
-|---|---|---|---|---|---|---|---|---|
-| 1-10 | `unipc-bh1` | order=3 | `t_min` | `linspace` | `uniform` | `uniform` | `karras` | `logsnr` |
-| >= 11 | `unipc-bh1` | order=3 | `t_min` | power 1.5 | power 1.5 | `uniform` | `karras` | `logsnr` |
+| process kinds | NFE | solver | options | spacing | final |
+|---|---|---|---|---|---|
+| `discrete` | 1-10 | `unipc-bh1` | order=3 | `linspace` | `t_min` |
+| `discrete` | >= 11 | `unipc-bh1` | order=3 | power 1.5 | `t_min` |
+| `VPDiscrete`, `VPContinuous` | 1-10 | `unipc-bh1` | order=3 | `uniform` | `t_min` |
+| `VPDiscrete`, `VPContinuous` | >= 11 | `unipc-bh1` | order=3 | power 1.5 | `t_min` |
+| `RectifiedFlow`, `AffineInterpolant` | any | `unipc-bh1` | order=3 | `uniform` | `t_min` |
+| `VE`, `EDM` | any | `unipc-bh2` | order=2 | `karras` | `t_min` |
+| `other` | any | `unipc-bh1` | order=3 | `logsnr` | `t_min` |
 
-* Up to 10 NFE on a DDPM-style discrete schedule the choice is diffusers' ``UniPCMultistepScheduler(
-  solver_type="bh1", solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min")``, the best
-  peer configuration on the shipped MNIST model, run by our UniPC (the same grid and updates).
-* From 11 NFE, ``power 1.5`` is ``PowerSpacing(1.5)``: t = t_min + (t_max - t_min) u^1.5 for u evenly spaced
-  from 1 to 0 (p = 1 is uniform in t, diffusers' 'linspace' before its rounding to integer timesteps; p = 2 is
-  DDIM's 'quadratic'): more of the steps near the data.  Its times are fractional on a discrete schedule
+* ``discrete`` (a DDPM-style schedule with training timesteps), up to 10 NFE: diffusers' ``UniPCMultistepScheduler(
+  solver_type="bh1", solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min")``, the best peer
+  configuration on the shipped MNIST model, run by our UniPC (the same grid and updates).  From 11 NFE,
+  ``power 1.5`` is ``PowerSpacing(1.5)``: t = t_min + (t_max - t_min) u^1.5 for u evenly spaced from 1 to 0
+  (p = 1 is uniform in t, diffusers' 'linspace' before its rounding to integer timesteps; p = 2 is DDIM's
+  'quadratic'): more of the steps near the data.  Its times are fractional on a discrete schedule
   (``VPDiscrete`` interpolates it).
+* ``VE``, ``EDM``: UniPC-bh2 order 2 on EDM's Karras (rho = 7) schedule.  Third order on that schedule is
+  unstable below ~10 NFE on a trained EDM network (its first steps are huge in sigma).
+* ``RectifiedFlow``, ``AffineInterpolant``: see the table (``docs/default_rule.md`` has the measurements).
 * Every choice ends at t_min (``final='t_min'``, no jump to clean data from a noisy point) and spends exactly
   ``nfe`` network evaluations (UniPC's corrector reuses the next step's evaluation).
 
-Where it comes from (``benchmarks/default_rule.py``, ``docs/default_rule.md``): per NFE band, the candidate
-with the smallest worst-case RMSE ratio to the best diffusers / k-diffusion configuration over the selection
-problems, the exact 64-dim Gaussian mixture and the shipped MNIST model (DDPM linear betas, epsilon
-prediction); the 3072-dim mixture is held out and only reported.  Measured: the ``discrete`` kind with an
-epsilon network.  Not measured, for want of a model: the continuous kinds (their grids are the analogous
-ones: the same power of t for the continuous VP, whose t is the DDPM timestep index / 1000 for linear betas;
-uniform t for flows, as flow matching samples; EDM's Karras schedule for VE and EDM) and the other
-parameterisations, which get the same choice (with an exact network every parameterisation gives the same
-ODE; what a parameterisation changes is a learned network's error).
+Where it comes from (``benchmarks/default_rule.py``, ``benchmarks/real_models.py``, ``docs/default_rule.md``,
+``docs/real_models.md``): per kind and NFE band, the candidate with the smallest worst-case RMSE ratio to the best
+diffusers / k-diffusion configuration on the models it was chosen on; the other models only report it.  Every
+parameterisation gets the same choice (with an exact network every parameterisation gives the same ODE; what a
+parameterisation changes is a learned network's error).
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ from ..adapters.parameterisation import canonical
 from ..processes import NoiseProcess
 
 __all__ = ["DefaultSampler", "PowerSpacing", "default_sampler", "process_kind", "model_parameterisation",
-           "rule_table", "band_label", "AUTO", "LEGACY_SOLVER", "LEGACY_SPACING", "LEGACY_FINAL", "RULE",
-           "SPACING_BY_KIND"]
+           "rule_table", "band_label", "AUTO", "LEGACY_SOLVER", "LEGACY_SPACING", "LEGACY_FINAL", "RULES",
+           "GROUP_OF_KIND", "SPACING_BY_KIND"]
 
 #: the defaults before the rule (``ds.sample`` with an explicit solver or grid still fills these in)
 LEGACY_SOLVER, LEGACY_SPACING, LEGACY_FINAL = "dpm++2m", "logsnr", "denoise"
@@ -77,24 +81,35 @@ class DefaultSampler(NamedTuple):
     final: str
 
 
-#: (largest NFE of the band or None for no end, solver, options, final, exponent p of the spacing)
-RULE: Tuple[Tuple[Optional[int], str, Tuple[Tuple[str, Any], ...], str, float], ...] = (
-    (10, "unipc-bh1", (("order", 3),), "t_min", 1.0),
-    (None, "unipc-bh1", (("order", 3),), "t_min", 1.5),
-)
+#: one band of a rule: (largest NFE of the band or None for no end, solver, options, final, spacing, exponent p).
+#: spacing "index" is diffusers' 'linspace' for p = 1 and ``PowerSpacing(p)`` otherwise; "power" is 'uniform' for
+#: p = 1 and ``PowerSpacing(p)`` otherwise; any other value is a spacing name
+Band = Tuple[Optional[int], str, Tuple[Tuple[str, Any], ...], str, str, float]
 
-#: process kind -> spacing: "index" is diffusers' 'linspace' for p = 1 and ``PowerSpacing(p)`` otherwise,
-#: "power" is 'uniform' for p = 1 and ``PowerSpacing(p)`` otherwise (p: the band's exponent); else a name
-SPACING_BY_KIND: Dict[str, str] = {
-    "discrete": "index",  # DDPM-style VPDiscrete (measured)
-    "VPDiscrete": "power",  # a VPDiscrete without its timestep index (e.g. inside Shifted): the same times
-    "VPContinuous": "power",  # t in [t_min, 1]: the continuous counterpart of the DDPM timestep index
-    "RectifiedFlow": "uniform",  # flow matching's convention, uniform in t
-    "AffineInterpolant": "uniform",
-    "VE": "karras",  # EDM's rho = 7 schedule, its recommendation for VE and EDM models
-    "EDM": "karras",
-    "other": "logsnr",  # an unknown process: the grid that does not depend on how its time is parameterised
+#: the rule of each group of process kinds, band by band
+RULES: Dict[str, Tuple[Band, ...]] = {
+    "discrete": ((10, "unipc-bh1", (("order", 3),), "t_min", "index", 1.0),
+                 (None, "unipc-bh1", (("order", 3),), "t_min", "index", 1.5)),
+    "vp": ((10, "unipc-bh1", (("order", 3),), "t_min", "power", 1.0),
+           (None, "unipc-bh1", (("order", 3),), "t_min", "power", 1.5)),
+    "flow": ((None, "unipc-bh1", (("order", 3),), "t_min", "uniform", 1.0),),
+    "edm": ((None, "unipc-bh2", (("order", 2),), "t_min", "karras", 1.0),),
+    "other": ((None, "unipc-bh1", (("order", 3),), "t_min", "logsnr", 1.0),),
 }
+
+#: process kind -> its group in ``RULES``
+GROUP_OF_KIND: Dict[str, str] = {
+    "discrete": "discrete",  # DDPM-style VPDiscrete (measured)
+    "VPDiscrete": "vp",  # a VPDiscrete without its timestep index (e.g. inside Shifted): the same times
+    "VPContinuous": "vp",  # t in [t_min, 1]: the continuous counterpart of the DDPM timestep index
+    "RectifiedFlow": "flow",
+    "AffineInterpolant": "flow",
+    "VE": "edm",
+    "EDM": "edm",
+    "other": "other",  # an unknown process: the grid that does not depend on how its time is parameterised
+}
+#: kept for callers of the former single-band table: process kind -> its spacing name of the first band
+SPACING_BY_KIND: Dict[str, str] = {k: RULES[g][0][4] for k, g in GROUP_OF_KIND.items()}
 
 _CLASSES = ("VPDiscrete", "VPContinuous", "RectifiedFlow", "AffineInterpolant", "VE", "EDM")
 
@@ -116,11 +131,11 @@ def process_kind(process: Union[NoiseProcess, str]) -> str:
     return name if name in _CLASSES else "other"
 
 
-def _band(nfe: int):
-    for band in RULE:
+def _band(nfe: int, group: str) -> Band:
+    for band in RULES[group]:
         if band[0] is None or nfe <= band[0]:
             return band
-    raise AssertionError("the last band of RULE has no upper end")  # pragma: no cover
+    raise AssertionError("the last band of a rule has no upper end")  # pragma: no cover
 
 
 def default_sampler(nfe: int, process: Union[NoiseProcess, str],
@@ -136,8 +151,7 @@ def default_sampler(nfe: int, process: Union[NoiseProcess, str],
         raise ValueError(f"the default sampler needs nfe >= 1, got {nfe}")
     if parameterisation is not None:
         canonical(parameterisation)  # an unknown name is an error; every known one gets the same choice
-    _, solver, options, final, p = _band(nfe)
-    name = SPACING_BY_KIND[process_kind(process)]
+    _, solver, options, final, name, p = _band(nfe, GROUP_OF_KIND[process_kind(process)])
     spacing: Spacing = name
     if name in ("index", "power"):
         spacing = PowerSpacing(p) if p != 1.0 else ("linspace" if name == "index" else "uniform")
@@ -147,16 +161,16 @@ def default_sampler(nfe: int, process: Union[NoiseProcess, str],
     return DefaultSampler(solver, dict(options), spacing, final)
 
 
-def band_label(nfe: int) -> str:
-    """The NFE band of ``RULE`` that holds ``nfe``, as the table writes it ('1-10', '>= 16', 'any')."""
+def band_label(nfe: int, group: str = "discrete") -> str:
+    """The NFE band of ``RULES[group]`` that holds ``nfe``, as the table writes it ('1-10', '>= 11', 'any')."""
     lo = 1
-    for top, *_ in RULE:
+    for top, *_ in RULES[group]:
         if top is None:
             return "any" if lo == 1 else f">= {lo}"
         if nfe <= top:
             return f"{lo}-{top}" if top > lo else f"{lo}"
         lo = top + 1
-    raise AssertionError("the last band of RULE has no upper end")  # pragma: no cover
+    raise AssertionError("the last band of a rule has no upper end")  # pragma: no cover
 
 
 def _cell(name: str, p: float) -> str:
@@ -166,20 +180,16 @@ def _cell(name: str, p: float) -> str:
 
 
 def rule_table() -> str:
-    """The rule as the Markdown table of the module docstring and ``docs/default_rule.md`` (spacing columns:
-    the process kinds that share one)."""
-    groups: Dict[str, list] = {}
-    for kind, name in SPACING_BY_KIND.items():
-        groups.setdefault(name, []).append(kind)
-    head = "| NFE | solver | options | final | " + " | ".join(
-        "spacing: " + ", ".join(f"`{k}`" for k in kinds) for kinds in groups.values()) + " |"
-    rows = [head, "|" + "---|" * (4 + len(groups))]
-    lo = 1
-    for top, solver, options, final, p in RULE:
-        opts = ", ".join(f"{k}={v}" for k, v in options) or "-"
-        cells = [_cell(name, p) for name in groups]
-        rows.append(f"| {band_label(lo)} | `{solver}` | {opts} | `{final}` | " + " | ".join(cells) + " |")
-        lo = (top or lo) + 1
+    """The rule as the Markdown table of the module docstring and ``docs/default_rule.md``: one row per group of
+    process kinds and NFE band."""
+    rows = ["| process kinds | NFE | solver | options | spacing | final |", "|---|---|---|---|---|---|"]
+    for group, bands in RULES.items():
+        kinds = ", ".join(f"`{k}`" for k, g in GROUP_OF_KIND.items() if g == group)
+        lo = 1
+        for top, solver, options, final, name, p in bands:
+            opts = ", ".join(f"{k}={v}" for k, v in options) or "-"
+            rows.append(f"| {kinds} | {band_label(lo, group)} | `{solver}` | {opts} | {_cell(name, p)} | `{final}` |")
+            lo = (top or lo) + 1
     return "\n".join(rows)
 
 

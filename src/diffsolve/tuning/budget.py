@@ -19,7 +19,6 @@ from .grid_search import steps_for_nfe
 from .profile import DT, Entry
 
 Tensor = torch.Tensor
-DEFAULT_START = ("dpm++2m", "logsnr", "denoise")  # what ds.sample does without options
 NAMED_SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "five-step")
 
 
@@ -195,6 +194,16 @@ def _named(process, solver: str, nfe: int, spacing: str, final: str) -> Candidat
     n_pts, _ = _n_points(solver, nfe, final)
     t = make_grid(process, n_pts, spacing, "t_min").t
     return Candidate(solver, t, final, {}, f"{spacing}/{final}")
+
+
+def _rule(process, nfe: int, parameterisation: Optional[str]) -> Candidate:
+    """The library's default for this budget (``sampling.defaults.default_sampler``), as a candidate."""
+    from ..sampling.defaults import default_sampler
+
+    r = default_sampler(nfe, process, parameterisation)
+    n_pts, _ = _n_points(r.solver, nfe, r.final)
+    t = make_grid(process, n_pts, r.spacing, "t_min").t
+    return Candidate(r.solver, t, r.final, dict(r.options), "default")
 
 
 def _options_label(options: Dict[str, Any]) -> str:
@@ -485,7 +494,9 @@ class BudgetSearch:
         proc, nfe, solvers = self.proc, self.nfe, self.solvers
         fam_core = [(0.5, 0.7), (0.45, 0.55), (0.6, 0.8), (0.4, 0.55)]
         fam_rest = [(ue, w) for ue in (0.35, 0.45, 0.55, 0.65, 0.75, 0.9) for w in (0.45, 0.6, 0.75, 0.9, 1.15)]
-        self.default = _named(proc, DEFAULT_START[0], nfe, DEFAULT_START[1], DEFAULT_START[2]).with_(label="default")
+        from ..sampling.defaults import model_parameterisation
+
+        self.default = _rule(proc, nfe, model_parameterisation(self.den))
         self.peer_of: Dict[tuple, str] = {}  # candidate key -> the peer configurations it reproduces
         self.peers: List[Candidate] = []
         for c, variant in peer_candidates(proc, nfe, solvers):
@@ -743,7 +754,8 @@ class BudgetSearch:
 
     def entry(self, chosen: Candidate, ev_err: Dict[str, Tuple[float, float]]) -> Entry:
         full, d2s, default, best_named = self.full, self.d2s, self.default, self.best_named
-        base = {"default": {"label": f"{DEFAULT_START[0]} {DEFAULT_START[1]}/{DEFAULT_START[2]}",
+        d = self.default
+        base = {"default": {"label": f"{d.solver}{_options_label(d.options)} (the default rule)",
                             "calib_error": full[default.key], "eval_error": ev_err["default"][0]}}
         if best_named is not None:
             base["best_named"] = {"label": best_named.label, "calib_error": full[best_named.key],

@@ -156,6 +156,9 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     say(f"model {model['fingerprint']}: {tau * 1e3:.3f} ms per sample-evaluation at batch {batch}")
     # 2. sizes from the budget
     cal_list, eval_list = _seeds(calib_seeds, eval_seeds, teach.cost_nfe * tau, float(time_budget_s))
+    cut = _cuts(cal_list, eval_list, calib_seeds, eval_seeds, teach.cost_nfe * tau, float(time_budget_s))
+    for c in cut:
+        say(f"cut for the time budget: {c}")
     use_v3 = method in ("auto", "v3") and (stats is not None or data is not False)
     if method == "v3" and not use_v3:
         raise ValueError("method='v3' needs statistics: pass data= (or stats=)")
@@ -187,7 +190,9 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         "statistics": st_info if uses or "skipped" in st_info else
         ({"computed_but_unused": st_info} if st_info else None),
         "batch": batch, "seconds": round(clock.elapsed(), 2), "teacher_seconds": round(t_teacher, 2),
-        "time_budget_s": time_budget_s, "solvers": cand_solvers, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "time_budget_s": time_budget_s, "cut": cut + ([f"DPM-Solver-v3: {st_info['skipped']}"]
+                                                       if "skipped" in st_info else []),
+        "solvers": cand_solvers, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,
     }
     try:
@@ -234,11 +239,12 @@ def _identity(den: Denoiser, shape: Tuple[int, ...]) -> Tuple[Dict[str, Any], Di
 def _seeds(calib_seeds, eval_seeds, teacher_cost: float, budget: float) -> Tuple[List[int], List[int]]:
     """Calibration and evaluation seeds; the default sizes keep the teacher's targets (``teacher_cost`` seconds
     per sample) within ~12% (calibration) and ~10% (evaluation) of the budget."""
-    if eval_seeds is None:  # 256, or 128 when the teacher's targets for 256 would take over 10% of the budget
-        eval_seeds = 256 if 256 * teacher_cost <= 0.1 * budget else 128
+    if eval_seeds is None:  # 256, or fewer (down to 32) when the teacher's targets would take over 10% of the budget
+        eval_seeds = next((n for n in (256, 128, 64) if n * teacher_cost <= 0.1 * budget), 32)
     eval_list = _seed_list(eval_seeds, 0, 256)
-    if calib_seeds is None:
-        n_cal = next((n for n in (2048, 1536, 1024, 768, 512, 384, 256) if n * teacher_cost <= 0.12 * budget), 128)
+    if calib_seeds is None:  # a slow model gets fewer (down to 32): the profile records the cut
+        n_cal = next((n for n in (2048, 1536, 1024, 768, 512, 384, 256, 128, 64)
+                      if n * teacher_cost <= 0.12 * budget), 32)
         cal_list = _seed_list(n_cal, 1_000_000, n_cal)
     else:
         cal_list = _seed_list(calib_seeds, 1_000_000, 512)
@@ -246,6 +252,17 @@ def _seeds(calib_seeds, eval_seeds, teacher_cost: float, budget: float) -> Tuple
     if overlap:
         raise ValueError(f"calibration and evaluation seeds must be disjoint; both contain {sorted(overlap)[:5]}")
     return cal_list, eval_list
+
+
+def _cuts(cal_list, eval_list, calib_seeds, eval_seeds, teacher_cost: float, budget: float) -> List[str]:
+    """What a slow model lost to the budget (the default sizes are 128+ calibration, 256 evaluation samples)."""
+    out = []
+    if calib_seeds is None and len(cal_list) < 128:
+        out.append(f"{len(cal_list)} calibration samples instead of 128+ (teacher {teacher_cost:.2f} s per sample, "
+                   f"budget {budget:.0f} s)")
+    if eval_seeds is None and len(eval_list) < 256:
+        out.append(f"{len(eval_list)} evaluation samples instead of 256")
+    return out
 
 
 def _statistics(den: Denoiser, use_v3: bool, method: str, data, stats: Optional[Statistics], shape,
