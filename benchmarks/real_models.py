@@ -203,22 +203,41 @@ def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) ->
     return files
 
 
+def rule_variant(spec: str, n: int) -> str:
+    """The default-rule row's variant that the current rule gives at NFE n (older rules' rows are ignored)."""
+    from diffsolve.sampling.defaults import default_sampler, model_parameterisation
+    model, _ = load_spec(spec, 1)
+    rule = default_sampler(n, model.process, model_parameterisation(model))
+    return f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
+
+
+def summary(res: Dict[str, Any], n: int) -> Dict[str, Optional[Dict[str, Any]]]:
+    rows, v = res["rows"], rule_variant(res["model"], n)
+    return {"default": best(rows, n, lambda r: r["family"] == H.DEFAULT and r["variant"] == v),
+            "tuned": best(rows, n, lambda r: r["family"] == H.TUNED),
+            "peer": best(rows, n, lambda r: r["library"] != "diffsolve")}
+
+
 def render(results: List[Dict[str, Any]], out: str) -> str:
-    L = ["| model | NFE | default rule | tuned profile | best peer (configuration) | default / peer | tuned / peer |"
-         " FD-LeNet default | FD-LeNet tuned | FD-LeNet peer | FD floor |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        rows = res["rows"]
-        for n in NFES:
-            d = best(rows, n, lambda r: r["family"] == H.DEFAULT)
-            t = best(rows, n, lambda r: r["family"] == H.TUNED)
-            p = best(rows, n, lambda r: r["library"] != "diffsolve")
-            f = lambda r, k="rmse": "—" if r is None or r.get(k) in ("", None) else f"{float(r[k]):.3g}"  # noqa
-            ratio = lambda r: "—" if r is None or p is None else f"**{r['rmse'] / p['rmse']:.2f}**"  # noqa
+    """One table per NFE: per model, the default rule, the tuned profile and the best peer configuration by RMSE
+    to the converged reference and by FD-LeNet (with the floor of real images at this sample size)."""
+    def f(r, k="rmse"):
+        return "—" if r is None or r.get(k) in ("", None) else f"{float(r[k]):.3g}"
+
+    L: List[str] = []
+    for n in NFES:
+        L += [f"### NFE {n}", "",
+              "| model | default rule | tuned profile | best peer (configuration) | default / peer | tuned / peer |"
+              " FD-LeNet: default / tuned / peer (floor) |", "|---|---|---|---|---|---|---|"]
+        for res in results:
+            S = summary(res, n)
+            d, t, p = S["default"], S["tuned"], S["peer"]
+            ratio = lambda r: "—" if r is None or p is None else f"**{r['rmse'] / p['rmse']:.2f}**"  # noqa: E731
             pc = "—" if p is None else f"{f(p)} ({p['library']} {p['family']}, {p['variant']})"
-            fl = "—" if res["fd_floor"] is None else f"{res['fd_floor']:.1f}"
-            L.append(f"| {res['model']} | {n} | {f(d)} | {f(t)} | {pc} | {ratio(d)} | {ratio(t)} | "
-                     f"{f(d, 'fd_lenet')} | {f(t, 'fd_lenet')} | {f(p, 'fd_lenet')} | {fl} |")
+            fd = "—" if res.get("fd_floor") is None else \
+                f"{f(d, 'fd_lenet')} / {f(t, 'fd_lenet')} / {f(p, 'fd_lenet')} ({res['fd_floor']:.1f})"
+            L.append(f"| {res['model']} | {f(d)} | {f(t)} | {pc} | {ratio(d)} | {ratio(t)} | {fd} |")
+        L.append("")
     return "\n".join(L)
 
 

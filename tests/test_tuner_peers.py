@@ -118,6 +118,23 @@ def test_tuned_is_never_worse_than_any_peer_equivalent_on_calibration(tuned):
     assert "| 5 |" in prof.table()  # the report reads the entries with their extra baseline
 
 
+def test_tuned_is_never_worse_than_the_default_rule_on_calibration(tuned):
+    """The tuner's baseline is what ``ds.sample(model, noise, nfe=k)`` runs (the default rule), run directly."""
+    from diffsolve.sampling.defaults import default_sampler
+
+    den, prof = tuned
+    z, tg = calibration_targets(den, prof)
+    for nfe in NFES:
+        e = prof.entry(nfe)
+        rule = default_sampler(nfe, VP, "epsilon")
+        x = ds.sample(den, z, nfe=nfe)  # no options: the rule
+        target = tg.denoised if rule.final == "denoise" else tg.at_t_min
+        err = float(((x.to(DT) - target) ** 2).flatten(1).mean(1).mean().sqrt())
+        assert e.baselines["default"]["calib_error"] == pytest.approx(err, rel=1e-9)
+        assert "default rule" in e.baselines["default"]["label"] and rule.solver in e.baselines["default"]["label"]
+        assert e.calib_error <= err * (1 + 1e-9)
+
+
 def calibration_error(den, z, tg, solver, opts, t, final, nfe):
     """The tuner's calibration RMSE of one configuration, run directly: ``tg`` has the teacher's ``at_t_min``
     (the target of runs that stop at t_min) and ``denoised`` (of runs that jump to clean data)."""
