@@ -681,8 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", default="64,3072", help="exact Gaussian-mixture sizes (default 64,3072)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE budgets (default 5,6,8,10,15,20)")
     p.add_argument("--batch", default=None, help="batch, one for all or one per dim (default 256)")
-    p.add_argument("--model", default=None, help="a checkpoint or diffusers folder, a built-in name (mnist) or module:function returning a ds.Denoiser (reference: a high-NFE "
-                                                 "solution of the same model)")
+    p.add_argument("--model", default=None, help="a checkpoint or diffusers folder, a built-in name (mnist, mnist-flow, "
+                                                 "digits-edm, ...; name@w: classifier-free guidance with weight w, e.g. "
+                                                 "mnist-cfg@3) or module:function returning a ds.Denoiser; the peers "
+                                                 "are those of its family (DDPM, flow matching, EDM); reference: a "
+                                                 "converged high-NFE solution of the same model")
     p.add_argument("--checkpoint", default=None, help="a model checkpoint path for ds.load")
     p.add_argument("--shape", default=None, help="data shape for --model/--checkpoint, e.g. 3,32,32")
     p.add_argument("--ref-nfe", type=int, default=500, help="NFE of the reference solution of a non-exact model "
