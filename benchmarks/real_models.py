@@ -47,6 +47,10 @@ DDPM_KEEP = {
     "UniPC bh2 order 3": None, "UniPC bh1 order 3": None, "DEIS order 3": ("linspace", "trailing"),
     "Euler": ("trailing/zero", "karras/zero"),
 }
+# what users of each library run without options (always in the DDPM list)
+DDPM_DEFAULTS = {("diffusers", "DPMSolverMultistep dpmsolver++ 2M", "linspace/zero"),
+                 ("diffusers", "UniPC bh2 order 2", "linspace/zero"), ("k-diffusion", "dpmpp_2m", "karras/zero"),
+                 ("diffusers", "DPMSolverMultistep dpmsolver++ 3M", "karras/sigma_min")}
 K_KEEP = ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde (eta=0)")
 
 
@@ -54,8 +58,21 @@ def slug(spec: str) -> str:
     return spec.replace("@", "_w").replace("/", "_")
 
 
-def peers_for(family: str, quick: bool) -> List[P.PeerConfig]:
+def peers_for(family: str, quick: bool, top: int = 0) -> List[P.PeerConfig]:
+    """The peers to run: ``top`` > 0 (DDPM family only): the ``top`` best per NFE of the exhaustive MNIST bench
+    (``docs/mnist_bench.csv``: every diffusers and k-diffusion configuration at NFE 5-10); else the trimmed list."""
     cfgs = [c for c in P.peer_configs(quick, None, family) if not c.adaptive]
+    if top and family == "ddpm":
+        import csv
+        from collections import defaultdict
+        by: Dict[str, List[Tuple[float, Tuple[str, str, str]]]] = defaultdict(list)
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "mnist_bench.csv"), newline="") as f:
+            for r in csv.DictReader(f):
+                if r["library"] != "diffsolve" and not r["error"] and r["rmse"] not in ("", "nan") \
+                        and r["stochastic"] == "0" and r["nfe_budget"]:
+                    by[r["nfe_budget"]].append((float(r["rmse"]), (r["library"], r["family"], r["variant"])))
+        names = {n for runs in by.values() for _, n in sorted(runs)[:top]} | DDPM_DEFAULTS
+        return [c for c in cfgs if (c.library, c.family, c.variant) in names]
     out = []
     for c in cfgs:
         if c.library == "k-diffusion":
@@ -157,7 +174,7 @@ def run_model(spec: str, a, res: Optional[Dict[str, Any]]) -> Tuple[Dict[str, An
                     add(r)
         print(f"  {spec}: candidates done", flush=True)
     family = P.peer_family(model.process)
-    for c in peers_for(family, a.quick):
+    for c in peers_for(family, a.quick, a.peer_top):
         if any((c.library, c.family, c.variant, n) not in have for n in NFES):
             for n in NFES:
                 if (c.library, c.family, c.variant, n) not in have:
@@ -254,6 +271,8 @@ def main() -> None:
                     help="also run the default-rule candidates (short: 4 solvers x 4-5 grids, t_min)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grids", action="store_true", help="redraw the picture grids")
+    ap.add_argument("--peer-top", type=int, default=0,
+                    help="DDPM models: only the N best peers per NFE of docs/mnist_bench.csv (0: the trimmed list)")
     ap.add_argument("--out", default="out/real_models")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
