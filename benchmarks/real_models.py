@@ -119,7 +119,8 @@ def _rows_of(rows, family=None, library=None) -> set:
             if (family is None or r["family"] == family) and (library is None or r["library"] == library)}
 
 
-def run_model(spec: str, a, res: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Optional[H.Problem]]:
+def run_model(spec: str, a, res: Optional[Dict[str, Any]],
+              save=None) -> Tuple[Dict[str, Any], Optional[H.Problem]]:
     """The rows of one model: those already in ``res`` are kept, the missing ones are run (the problem and its
     reference are only built when something is missing)."""
     model, den = load_spec(spec, 4096)
@@ -150,6 +151,8 @@ def run_model(spec: str, a, res: Optional[Dict[str, Any]]) -> Tuple[Dict[str, An
                             if r.get("t_stop") not in ("", None) else 0.0)
         r["config"] = json.dumps(r["config"], default=str)
         rows.append(r)
+        if save is not None:  # nothing lost on a crash: the rows so far are on disk
+            save(res)
 
     from diffsolve.sampling.defaults import default_sampler, model_parameterisation
     for n in NFES:
@@ -282,7 +285,12 @@ def main() -> None:
         path = os.path.join(d, "rows.json")
         old = json.load(open(path)) if os.path.exists(path) else None
         os.makedirs(d, exist_ok=True)
-        res, pb = run_model(spec, a, old)
+        def save(r, path=path):
+            with open(path + ".tmp", "w") as f:
+                json.dump(r, f, indent=1, default=str)
+            os.replace(path + ".tmp", path)
+
+        res, pb = run_model(spec, a, old, save)
         if pb is not None or not res.get("grids") or a.grids:
             res["grids"] = grids(res, pb or H.model_problem(load_spec(spec, 4096)[0], a.batch, a.seed, None, 20), d)
         with open(path, "w") as f:

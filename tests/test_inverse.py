@@ -222,3 +222,21 @@ def test_every_method_runs_within_its_budget(method):
     assert x.shape == (8, 8) and torch.isfinite(x).all()
     assert info.nfe_equivalents <= 40 and info.evaluations >= 2
     assert info.nfe_equivalents == info.nfe + 2 * info.vjps
+
+
+def test_daps_samples_the_gaussian_posterior():
+    """DAPS with the exact conditional step on a standard normal prior (data_var = 1, so p(x0 | x_t) is exactly
+    the Gaussian it assumes): 4000 samples match the exact posterior mean within 4 standard errors and its
+    covariance within the Monte-Carlo error; with data_var wrong by 4x the covariance is visibly off."""
+    prior, op, y, sy = _gaussian_problem(True, d=6, m=3, sigma_y=0.3)
+    post = ExactPosterior(prior, op, y, sy)
+    var = torch.diagonal(post.covariance())
+    x, info = sample(prior.denoiser(PROC), op, y, sy, method="daps", nfe=40, n=4000, seeds=range(4000))
+    assert info.vjps == 0 and info.evaluations == 40
+    assert torch.all((x.mean(0) - post.mean()).abs() < 4 * (var / x.shape[0]).sqrt())
+    cov_err = float((torch.cov(x.T) - post.covariance()).norm() / post.covariance().norm())
+    assert cov_err < 0.08, cov_err
+    x4, _ = sample(prior.denoiser(PROC), op, y, sy, method="daps", nfe=40, n=4000, seeds=range(4000), data_var=4.0)
+    assert float((torch.cov(x4.T) - post.covariance()).norm() / post.covariance().norm()) > 2 * cov_err
+    x2, info2 = sample(prior.denoiser(PROC), op, y, sy, method="daps", nfe=40, n=8, ode_steps=4)
+    assert 37 <= info2.evaluations <= 40 and torch.isfinite(x2).all()  # the last point (t_min) needs one

@@ -21,6 +21,7 @@ from ..solvers import get_solver
 from ..solvers.state import Noise
 from ..util import seeding
 from .exact import ExactPosterior, Prior, check_measurement
+from .methods.daps import DAPS
 from .methods.ddrm import DDRM
 from .methods.diffpir import DiffPIR
 from .methods.dps import DPS, DPSStep
@@ -46,6 +47,7 @@ class Method:
     summary: str = ""
     loop: bool = False  # a method with its own sampling loop (``run``), not a model wrapper run by a solver
     spacing: str = "logsnr"  # the time grid of a loop method
+    per_point: Callable[[Dict[str, Any]], int] = lambda o: 1  # network evaluations per grid point of a loop method
 
 
 METHODS: Dict[str, Method] = {
@@ -67,6 +69,9 @@ METHODS: Dict[str, Method] = {
                   "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
                    "DDRM: spectral DDIM in the operator's SVD (Kawar et al. 2022)", loop=True),
+    "daps": Method(DAPS, lambda o: 0, {"ode_steps": 1, "data_var": 1.0},
+                   "DAPS: decoupled annealing, the Gaussian conditional sampled exactly in the SVD (Zhang et al. 2024)",
+                   loop=True, per_point=lambda o: int(o.get("ode_steps", 1))),
     "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
                      "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
 }
@@ -145,7 +150,10 @@ def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Te
     if evals < 2:
         raise ValueError(f"{method} needs at least 2 evaluations; raise nfe")
     smc = spec.build(model, operator, y, sigma_y, **opts)
-    grid = make_grid(model.process, evals, spec.spacing, "t_min")
+    points = evals // max(1, spec.per_point(opts))
+    if points < 2:
+        raise ValueError(f"{method} needs at least 2 grid points of {spec.per_point(opts)} evaluations; raise nfe")
+    grid = make_grid(model.process, points, spec.spacing, "t_min")
     g = seeding.stream(seeds[0], seeding.SOLVER)
     t0 = time.perf_counter()
     x = smc.run(noise, grid, Noise(seeding.solver_generators(seeds)), g)
