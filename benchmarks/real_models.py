@@ -36,6 +36,7 @@ from diffsolve.bench import peers as P
 from diffsolve.bench.models import load_spec
 
 NFES = (5, 6, 8, 10, 15, 20)
+CANDIDATE_NFES = (5, 8, 15)  # the rule's candidates are compared here; 6, 10 and 20 only report the choice
 STOP_MAX = 0.02  # sigma/alpha above which a run that stops early is not ranked
 # the DDPM peers worth running (the full list of the bench, ~100 configurations, is trimmed to the families and
 # grids that were ever best or close on the mixtures and MNIST: docs/benchmarks.md, docs/mnist_bench.md)
@@ -51,11 +52,18 @@ DDPM_KEEP = {
 DDPM_DEFAULTS = {("diffusers", "DPMSolverMultistep dpmsolver++ 2M", "linspace/zero"),
                  ("diffusers", "UniPC bh2 order 2", "linspace/zero"), ("k-diffusion", "dpmpp_2m", "karras/zero"),
                  ("diffusers", "DPMSolverMultistep dpmsolver++ 3M", "karras/sigma_min")}
-K_KEEP = ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde (eta=0)")
+K_KEEP = ("heun", "dpmpp_2m", "dpmpp_3m_sde (eta=0)")
 
 
 def slug(spec: str) -> str:
     return spec.replace("@", "_w").replace("/", "_")
+
+
+# the flow peers worth running (FlowMatchEuler is diffusers' default for flows; UniPC bh1 on 'zero' is NaN)
+FLOW_KEEP = {"FlowMatchEuler": ("default",), "FlowMatchHeun": None,
+             "DPMSolverMultistep dpmsolver++ 2M (flow)": ("flow/zero",),
+             "DPMSolverMultistep dpmsolver++ 3M (flow)": None, "UniPC bh2 order 2 (flow)": ("flow/zero",),
+             "UniPC bh2 order 3 (flow)": ("flow/zero",)}
 
 
 def peers_for(family: str, quick: bool, top: int = 0) -> List[P.PeerConfig]:
@@ -78,6 +86,9 @@ def peers_for(family: str, quick: bool, top: int = 0) -> List[P.PeerConfig]:
         if c.library == "k-diffusion":
             if c.family in K_KEEP:
                 out.append(c)
+        elif family == "flow" and not quick:
+            if c.family in FLOW_KEEP and (FLOW_KEEP[c.family] is None or c.variant in FLOW_KEEP[c.family]):
+                out.append(c)
         elif family != "ddpm" or quick:
             out.append(c)
         elif c.family in DDPM_KEEP and (DDPM_KEEP[c.family] is None or c.variant in DDPM_KEEP[c.family]):
@@ -88,8 +99,8 @@ def peers_for(family: str, quick: bool, top: int = 0) -> List[P.PeerConfig]:
 def candidates(process, short: bool = False):
     """Default-rule candidates: third- and second-order multistep solvers on the plausible grids, both last steps."""
     from diffsolve.sampling.defaults import PowerSpacing
-    solvers = [("unipc-bh1", {"order": 3}), ("unipc-bh2", {"order": 3}), ("unipc-bh2", {"order": 2}),
-               ("dpm++2m", {})] + ([] if short else [("dpm++3m", {})])
+    solvers = [("unipc-bh1", {"order": 3})] + ([] if short else [("unipc-bh2", {"order": 3})]) + \
+        [("unipc-bh2", {"order": 2}), ("dpm++2m", {})] + ([] if short else [("dpm++3m", {})])
     spacings: List[Any] = ["uniform", "logsnr", "karras", PowerSpacing(1.5)] + ([] if short else [PowerSpacing(2.0)])
     if getattr(process, "num_train_timesteps", None) is not None:
         spacings.append("linspace")
@@ -170,7 +181,7 @@ def run_model(spec: str, a, res: Optional[Dict[str, Any]],
     if a.candidates:
         for solver_, opts, sp, fin in candidates(model.process, a.candidates == "short"):
             variant = f"{solver_}{''.join(f',{k}={v}' for k, v in opts.items())} {sp}/{fin}"
-            for n in NFES:
+            for n in CANDIDATE_NFES:
                 if ("diffsolve", "candidate", variant, n) not in have:
                     r = H.run_ours(problem(), solver_, n, sp, fin, **opts)
                     r["family"], r["variant"] = "candidate", variant
@@ -261,6 +272,73 @@ def render(results: List[Dict[str, Any]], out: str) -> str:
     return "\n".join(L)
 
 
+def losses(results: List[Dict[str, Any]]) -> List[str]:
+    """Every cell where our default or tuned profile is above the best peer (RMSE), and every target cell missed
+    (tuned <= 0.7x the best peer at NFE 5-10)."""
+    out = []
+    for res in results:
+        for n in NFES:
+            S = summary(res, n)
+            p = S["peer"]
+            if p is None:
+                continue
+            for k in ("default", "tuned"):
+                r = S[k]
+                if r is not None and r["rmse"] > p["rmse"]:
+                    out.append(f"{res['model']} NFE {n}: {k} {r['rmse']:.3g} > best peer {p['rmse']:.3g} "
+                               f"({r['rmse'] / p['rmse']:.2f}x; {p['library']} {p['family']} {p['variant']})")
+            t = S["tuned"]
+            if n <= 10 and t is not None and t["rmse"] > 0.7 * p["rmse"] and t["rmse"] <= p["rmse"]:
+                out.append(f"{res['model']} NFE {n}: tuned {t['rmse'] / p['rmse']:.2f}x the best peer (target 0.7x)")
+    return out
+
+
+def write_doc(results: List[Dict[str, Any]], path: str, conv: List[Dict[str, Any]], command: str) -> None:
+    """docs/real_models.md's generated part: the reference study, the tables, the pictures, where we lose."""
+    import shutil
+    d = os.path.dirname(path)
+    img_dir = os.path.join(d, "real_models")
+    os.makedirs(img_dir, exist_ok=True)
+    L = ["<!-- generated by benchmarks/real_models.py --doc; edit the script, not this block -->", "",
+         f"Reproduce: `{command}` (every run in `out/real_models/<model>/rows.json`).", ""]
+    if conv:
+        keys = [("dpm++3m-500 vs dpm++3m-1000", "3M 500 vs 1000"), ("ddim-1000 vs dpm++3m-1000", "DDIM 1000 vs 3M 1000"),
+                ("dpm++3m-1000 vs unipc3-1000-logsnr", "3M 1000 vs UniPC-3 1000 log-SNR"),
+                ("dpm++3m-1000 vs dpm++3m-200-logsnr", "3M 200 log-SNR (old ref.) vs 3M 1000"),
+                ("dpm++3m-1000 vs dpm++3m-100", "3M 100 vs 3M 1000")]
+        L += ["## Is the reference converged?", "",
+              "RMSE per pixel between independent fine solutions of the probability-flow ODE, from the same noise, "
+              "stopping at t_min (`python benchmarks/reference_convergence.py`; the fine grid is uniform in t, i.e. "
+              "every DDPM timestep on a discrete schedule, and Karras for EDM):", "",
+              "| model | batch | fine grid | " + " | ".join(k[1] for k in keys) + " |",
+              "|---|---|---|" + "---|" * len(keys)]
+        for r in conv:
+            L.append(f"| {r['model']} | {r['batch']} | {r['fine_grid']} | " + " | ".join(
+                f"{r['pairs'][k]:.1e}" if k in r["pairs"] else "—" for k, _ in keys) + " |")
+        L.append("")
+    L += ["## Tables", "", "RMSE per pixel (data in [-1, 1]) to the reference, same noise for every row; ratio < 1: "
+          "ours is more accurate. Only runs that end at clean data or at sigma/alpha <= 0.02 are ranked. FD-LeNet on "
+          "the same images (28x28 models only) with the floor of real images at this sample size.", "",
+          render(results, d)]
+    L += ["## Pictures (NFE 5 and 10, ours vs the best peer, same noise)", ""]
+    for res in results:
+        for g in res.get("grids") or []:
+            name = f"{slug(res['model'])}_{os.path.basename(g)}"
+            if os.path.exists(g):
+                shutil.copy(g, os.path.join(img_dir, name))
+            L.append(f"![{res['model']} {os.path.basename(g)}](real_models/{name})")
+        L.append("")
+    L += ["## Where we lose (generated)", ""] + [f"- {x}" for x in losses(results)] + [""]
+    cuts = [(res["model"], c) for res in results for c in res.get("profile_cut") or []]
+    if cuts:
+        L += ["## What the 5-minute tuning budget cut", ""] + [f"- {m}: {c}" for m, c in cuts] + [""]
+    text = open(path).read() if os.path.exists(path) else "# Real models\n\n"
+    mark = "<!-- generated by benchmarks/real_models.py"
+    head = text.split(mark)[0] if mark in text else text
+    with open(path, "w") as f:
+        f.write(head.rstrip() + "\n\n" + "\n".join(L))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--models", default="mnist,mnist-flow,mnist-cfg@1.5,mnist-cfg@3,digits-edm,digits-v")
@@ -274,6 +352,7 @@ def main() -> None:
                     help="also run the default-rule candidates (short: 4 solvers x 4-5 grids, t_min)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grids", action="store_true", help="redraw the picture grids")
+    ap.add_argument("--doc", default=None, help="write the generated part of this Markdown page (docs/real_models.md)")
     ap.add_argument("--peer-top", type=int, default=0,
                     help="DDPM models: only the N best peers per NFE of docs/mnist_bench.csv (0: the trimmed list)")
     ap.add_argument("--out", default="out/real_models")
@@ -296,6 +375,10 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(res, f, indent=1, default=str)
         results.append(res)
+    if a.doc:
+        cpath = "out/reference_convergence/reference_convergence.json"
+        conv = json.load(open(cpath)) if os.path.exists(cpath) else []
+        write_doc(results, a.doc, conv, "python benchmarks/real_models.py --models " + a.models + " --doc " + a.doc)
     text = render(results, a.out)
     with open(os.path.join(a.out, "real_models_tables.md"), "w") as f:
         f.write(text + "\n")

@@ -438,6 +438,9 @@ def _run_sample(pb: Problem, row: Dict[str, Any], solver: str, nfe: int, **kwarg
     g = si.grid
     last = 0.0 if g.clean_end else float(g.sigma[-1] / g.alpha[-1])
     row = _finish(pb, row, x, "vp", last, wall, si.steps)
+    checks = int(getattr(si, "check_calls", 0) or 0)  # a profile's one-time identity probe of the model
+    if checks and isinstance(row["nfe_used"], int):
+        row["nfe_used"] -= checks
     if row["nfe_used"] != si.nfe and not row["error"]:
         row["error"] = f"NFE mismatch: counted {row['nfe_used']}, sample() reports {si.nfe}"
     if not row["error"] and (row["endpoint"] == "jump") != bool(g.clean_end):
