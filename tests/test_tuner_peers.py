@@ -234,3 +234,17 @@ def test_index_spacing_candidates_are_the_diffusers_runs():
         for t in sched.timesteps:
             x = sched.step(net(x.to(DT), t.to(DT).expand(4)), t, x).prev_sample
     assert not torch.isfinite(x).all()
+
+
+def test_refined_grid_spends_the_larger_budget_and_keeps_the_smaller_grid():
+    from diffsolve.tuning.budget import Candidate, refined
+
+    t = ds.grids.SPACINGS["logsnr"](VP, 6)  # unipc-bh2 to t_min: 5 evaluations on 6 points
+    c = Candidate("unipc-bh2", t, "t_min", {"order": 3}, "small")
+    r = refined(VP, c, 8)
+    assert r is not None and r.t.numel() == 9 and r.options == {"order": 3}  # 8 evaluations, then t_min
+    assert all(bool((r.t - v).abs().min() < 1e-9) for v in t)  # every old point is kept
+    x, info = ds.sample(MIX.denoiser(VP, "epsilon"), torch.zeros(1, 8, dtype=DT), r.solver,
+                        grid=ds.explicit(VP, t=r.t, final=r.final), nfe=8, return_info=True, **r.options)
+    assert info.nfe == 8
+    assert refined(VP, c, 5) is None  # not a larger budget

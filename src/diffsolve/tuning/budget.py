@@ -209,6 +209,25 @@ def _rule(process, nfe: int, parameterisation: Optional[str]) -> Candidate:
     return Candidate(r.solver, t, r.final, dict(r.options), "default")
 
 
+def refined(process, c: "Candidate", nfe: int) -> Optional["Candidate"]:
+    """``c`` (a smaller budget's tuned grid) with points added in the middle of its widest log-SNR gaps until it
+    spends ``nfe``: the warm start that keeps a larger budget's search from ending above a smaller one's."""
+    n_pts, used = _n_points(c.solver, nfe, c.final)
+    if used != nfe or c.t.numel() >= n_pts:
+        return None
+    lam = process.lam(c.t.to(torch.float64))
+    while lam.numel() < n_pts:
+        i = int(torch.argmax(lam[1:] - lam[:-1]))
+        lam = torch.cat([lam[:i + 1], ((lam[i] + lam[i + 1]) / 2).reshape(1), lam[i + 1:]])
+    t = process.t_of_lam(lam)
+    t[0], t[-1] = c.t[0], c.t[-1]
+    try:
+        validate_times(process, t)
+    except ValueError:
+        return None
+    return Candidate(c.solver, t, c.final, dict(c.options), f"{c.label} refined to {nfe} NFE")
+
+
 def _options_label(options: Dict[str, Any]) -> str:
     return " " + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
 
@@ -451,8 +470,10 @@ class BudgetSearch:
     full set's RMSE (stratified sampling: a small random subset would see too few mode switches)."""
 
     def __init__(self, den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfe: int, solvers: List[str],
-                 metric: str, deadline: float, clock: _Clock, seed: int, progress: bool):
+                 metric: str, deadline: float, clock: _Clock, seed: int, progress: bool,
+                 warm: Sequence[Candidate] = ()):
         self.den, self.runner, self.cal, self.ev, self.nfe = den, runner, cal, ev, nfe
+        self.warm = list(warm)  # smaller budgets' tuned grids, refined to this one (``refined``)
         self.solvers, self.metric, self.deadline, self.clock = solvers, metric, deadline, clock
         self.seed, self.progress = seed, progress
         self.proc = den.process
@@ -515,7 +536,7 @@ class BudgetSearch:
         rest = [c for s in solvers if s == "dpm-v3" or not self.has_v3 for c in self.family(s, fam_rest)]
         seen = {self.default.key}
         self.cands = []
-        for c in self.peers + core + self.named + rest:  # each configuration once (a named grid may be a peer's)
+        for c in self.peers + self.warm + core + self.named + rest:  # each once (a named grid may be a peer's)
             if c.key not in seen:
                 seen.add(c.key)
                 self.cands.append(c)

@@ -53,7 +53,7 @@ from ..reference import GaussianMixture
 from ..solvers import get_solver
 from ..solvers.dpm_v3_stats import Statistics
 from ..util import seeding
-from .budget import BudgetSearch, _Clock, _Runner, _Set
+from .budget import BudgetSearch, Candidate, _Clock, _Runner, _Set, refined
 from .profile import DT, Entry, PathLike, Profile, fmt
 from .statistics import compute_statistics
 
@@ -330,8 +330,11 @@ def _search_budgets(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfes: L
         share = max(0.0, left * math.sqrt(nfe) / sum(math.sqrt(n) for n in nfes[j:]))
         deadline = clock.elapsed() + share
         outer.set_postfix_str(f"NFE {nfe}, {share:.0f} s")
+        prev = [Candidate(p.solver, torch.as_tensor(p.t, dtype=DT), p.final, dict(p.options), f"NFE-{k} profile")
+                for k, p in entries.items()]
+        warm = [w for w in (refined(den.process, c, nfe) for c in prev) if w is not None]
         e = entries[nfe] = BudgetSearch(den, runner, cal, ev, nfe, solvers, metric, deadline, clock, seed,
-                                        progress).run()
+                                        progress, warm).run()
         outer.update(1)
         say(f"NFE {nfe}: {e.describe()}  calib {fmt(e.calib_error)} (default {fmt(e.baselines['default']['calib_error'])})"
             f"  eval {fmt(e.eval_error)} (default {fmt(e.baselines['default'].get('eval_error'))}, best named "
