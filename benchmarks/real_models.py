@@ -99,8 +99,8 @@ def peers_for(family: str, quick: bool, top: int = 0) -> List[P.PeerConfig]:
 def candidates(process, short: bool = False):
     """Default-rule candidates: third- and second-order multistep solvers on the plausible grids, both last steps."""
     from diffsolve.sampling.defaults import PowerSpacing
-    solvers = [("unipc-bh1", {"order": 3})] + ([] if short else [("unipc-bh2", {"order": 3})]) + \
-        [("unipc-bh2", {"order": 2}), ("dpm++2m", {})] + ([] if short else [("dpm++3m", {})])
+    solvers = [("unipc-bh1", {"order": 3}), ("unipc-bh2", {"order": 3}), ("unipc-bh2", {"order": 2})] + \
+        ([] if short else [("dpm++2m", {}), ("dpm++3m", {})])
     spacings: List[Any] = ["uniform", "logsnr", "karras", PowerSpacing(1.5)] + ([] if short else [PowerSpacing(2.0)])
     if getattr(process, "num_train_timesteps", None) is not None:
         spacings.append("linspace")
