@@ -153,3 +153,26 @@ def test_teacher_spec_names_its_grid():
     assert make_teacher("dpm++2m:30", den).spacing == "logsnr"
     with pytest.raises(ValueError, match="integer"):
         make_teacher("dpm++3m:many", den)
+
+
+def test_bench_command_runs_the_family_peers_of_a_shipped_model(tmp_path):
+    """`diffsolve bench --model digits-edm` runs diffusers' EDM schedulers (not the DDPM ones) beside ours."""
+    from diffsolve.bench.api import main
+
+    code = main(["--model", "digits-edm", "--quick", "--batch", "4", "--nfes", "5", "--ref-nfe", "20", "--no-parity",
+                 "--no-overhead", "--no-progress", "--libraries", "diffusers", "--out", str(tmp_path)])
+    assert code == 0
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "benchmarks.csv")))
+    kinds = {json_kind(r["config"]) for r in rows if r["library"] == "diffusers"}
+    assert kinds == {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
+    assert all(not r["error"] for r in rows if r["library"] == "diffusers")
+
+
+def json_kind(config: str) -> str:
+    import ast
+    import json
+    try:
+        return json.loads(config)["kind"]
+    except Exception:
+        return ast.literal_eval(config)["kind"]
