@@ -1,23 +1,27 @@
 """The default sampler: what ``ds.sample(model, noise, nfe=k)`` runs when no solver is given.
 
 ``default_sampler(nfe, process, parameterisation)`` -> ``DefaultSampler(solver, options, spacing, final)``,
-a pure function of the NFE budget, the kind of process (``process_kind``) and the parameterisation; nothing
-else of the model is read.
+a pure function of the NFE budget, the kind of process (``process_kind``) and, where it changes the choice, the
+parameterisation; nothing else of the model is read.
 
 | process kinds | NFE | solver | options | spacing | final |
 |---|---|---|---|---|---|
-| `discrete` | 1-10 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
-| `discrete` | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
-| `VPDiscrete`, `VPContinuous` | 1-10 | `unipc-bh2` | order=3 | `uniform` | `t_min` |
-| `VPDiscrete`, `VPContinuous` | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
+| `discrete` | 1-10 | `unipc-bh1` | order=3 | `linspace` | `t_min` |
+| `discrete` | >= 11 | `unipc-bh1` | order=3 | power 1.5 | `t_min` |
+| `discrete` (prediction `v`) | 1-10 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
+| `discrete` (prediction `v`) | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
+| `VPDiscrete`, `VPContinuous` | 1-10 | `unipc-bh1` | order=3 | `uniform` | `t_min` |
+| `VPDiscrete`, `VPContinuous` | >= 11 | `unipc-bh1` | order=3 | power 1.5 | `t_min` |
 | `RectifiedFlow`, `AffineInterpolant` | any | `unipc-bh2` | order=2 | `uniform` | `t_min` |
 | `VE`, `EDM` | any | `unipc-bh2` | order=2 | `karras` | `t_min` |
 | `other` | any | `unipc-bh1` | order=3 | `logsnr` | `t_min` |
 
 * ``discrete`` (a DDPM-style schedule with training timesteps), up to 10 NFE: diffusers' ``UniPCMultistepScheduler(
-  solver_type="bh2", solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min")``, the best peer
-  configuration on the shipped MNIST and digits-v models at NFE 5-10, run by our UniPC (the same grid and updates;
-  bh1, the former choice, ties with it on MNIST and is 1.2-2.3x worse on the cosine-schedule digits-v).  From 11 NFE,
+  solver_type="bh1", solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min")``, run by our
+  UniPC (the same grid and updates): a tie with the best peer on MNIST, 1.00-1.05x on the 64-dim mixture.  With a
+  v-prediction network the same with ``solver_type="bh2"``: on the digits-v model (v, cosine schedule) bh1 is
+  1.2-2.3x the best peer and bh2 ties it (the only v model, and the only cosine one: which of the two calls for bh2
+  is not identified).  From 11 NFE,
   ``power 1.5`` is ``PowerSpacing(1.5)``: t = t_min + (t_max - t_min) u^1.5 for u evenly spaced from 1 to 0
   (p = 1 is uniform in t, diffusers' 'linspace' before its rounding to integer timesteps; p = 2 is DDIM's
   'quadratic'): more of the steps near the data.  Its times are fractional on a discrete schedule
@@ -90,10 +94,12 @@ Band = Tuple[Optional[int], str, Tuple[Tuple[str, Any], ...], str, str, float]
 
 #: the rule of each group of process kinds, band by band
 RULES: Dict[str, Tuple[Band, ...]] = {
-    "discrete": ((10, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
-                 (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),
-    "vp": ((10, "unipc-bh2", (("order", 3),), "t_min", "power", 1.0),
-           (None, "unipc-bh2", (("order", 3),), "t_min", "power", 1.5)),
+    "discrete": ((10, "unipc-bh1", (("order", 3),), "t_min", "index", 1.0),
+                 (None, "unipc-bh1", (("order", 3),), "t_min", "index", 1.5)),
+    "discrete-v": ((10, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
+                   (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),
+    "vp": ((10, "unipc-bh1", (("order", 3),), "t_min", "power", 1.0),
+           (None, "unipc-bh1", (("order", 3),), "t_min", "power", 1.5)),
     "flow": ((None, "unipc-bh2", (("order", 2),), "t_min", "uniform", 1.0),),
     "edm": ((None, "unipc-bh2", (("order", 2),), "t_min", "karras", 1.0),),
     "other": ((None, "unipc-bh1", (("order", 3),), "t_min", "logsnr", 1.0),),
@@ -110,6 +116,9 @@ GROUP_OF_KIND: Dict[str, str] = {
     "EDM": "edm",
     "other": "other",  # an unknown process: the grid that does not depend on how its time is parameterised
 }
+#: (process kind, parameterisation) -> its group where the parameterisation changes the choice (measured: v on a
+#: discrete schedule, where UniPC-bh1 was 1.2-2.3x worse than bh2 on the digits-v model)
+GROUP_OF_KIND_AND_PREDICTION: Dict[Tuple[str, str], str] = {("discrete", "v"): "discrete-v"}
 #: kept for callers of the former single-band table: process kind -> its spacing name of the first band
 SPACING_BY_KIND: Dict[str, str] = {k: RULES[g][0][4] for k, g in GROUP_OF_KIND.items()}
 
@@ -151,9 +160,11 @@ def default_sampler(nfe: int, process: Union[NoiseProcess, str],
         raise ValueError(f"nfe must be an integer, got {nfe!r}")
     if nfe < 1:
         raise ValueError(f"the default sampler needs nfe >= 1, got {nfe}")
-    if parameterisation is not None:
-        canonical(parameterisation)  # an unknown name is an error; every known one gets the same choice
-    _, solver, options, final, name, p = _band(nfe, GROUP_OF_KIND[process_kind(process)])
+    kind = process_kind(process)
+    group = GROUP_OF_KIND[kind]
+    if parameterisation is not None:  # an unknown name is an error
+        group = GROUP_OF_KIND_AND_PREDICTION.get((kind, canonical(parameterisation)), group)
+    _, solver, options, final, name, p = _band(nfe, group)
     spacing: Spacing = name
     if name in ("index", "power"):
         spacing = PowerSpacing(p) if p != 1.0 else ("linspace" if name == "index" else "uniform")
@@ -186,7 +197,8 @@ def rule_table() -> str:
     process kinds and NFE band."""
     rows = ["| process kinds | NFE | solver | options | spacing | final |", "|---|---|---|---|---|---|"]
     for group, bands in RULES.items():
-        kinds = ", ".join(f"`{k}`" for k, g in GROUP_OF_KIND.items() if g == group)
+        kinds = ", ".join(f"`{k}`" for k, g in GROUP_OF_KIND.items() if g == group) or ", ".join(
+            f"`{k}` (prediction `{pred}`)" for (k, pred), g in GROUP_OF_KIND_AND_PREDICTION.items() if g == group)
         lo = 1
         for top, solver, options, final, name, p in bands:
             opts = ", ".join(f"{k}={v}" for k, v in options) or "-"
