@@ -20,7 +20,7 @@ parameterisation; nothing else of the model is read.
   solver_type="bh1", solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min")``, run by our
   UniPC (the same grid and updates): a tie with the best peer on MNIST, 1.00-1.05x on the 64-dim mixture.  With a
   v-prediction network the same with ``solver_type="bh2"``: on the digits-v model (v, cosine schedule) bh1 is
-  1.2-2.3x the best peer and bh2 ties it (the only v model, and the only cosine one: which of the two calls for bh2
+  1.03-2.3x the best peer and bh2 ties it (the only v model, and the only cosine one: which of the two calls for bh2
   is not identified).  From 11 NFE,
   ``power 1.5`` is ``PowerSpacing(1.5)``: t = t_min + (t_max - t_min) u^1.5 for u evenly spaced from 1 to 0
   (p = 1 is uniform in t, diffusers' 'linspace' before its rounding to integer timesteps; p = 2 is DDIM's
@@ -117,7 +117,7 @@ GROUP_OF_KIND: Dict[str, str] = {
     "other": "other",  # an unknown process: the grid that does not depend on how its time is parameterised
 }
 #: (process kind, parameterisation) -> its group where the parameterisation changes the choice (measured: v on a
-#: discrete schedule, where UniPC-bh1 was 1.2-2.3x worse than bh2 on the digits-v model)
+#: discrete schedule, where UniPC-bh1 was 1.03-2.3x worse than bh2 on the digits-v model)
 GROUP_OF_KIND_AND_PREDICTION: Dict[Tuple[str, str], str] = {("discrete", "v"): "discrete-v"}
 #: kept for callers of the former single-band table: process kind -> its spacing name of the first band
 SPACING_BY_KIND: Dict[str, str] = {k: RULES[g][0][4] for k, g in GROUP_OF_KIND.items()}
