@@ -36,7 +36,7 @@ def build_parser(prog: str = "diffsolve tune") -> argparse.ArgumentParser:
     src.add_argument("--reference", choices=list(_references()), help="an exact Gaussian-mixture reference model "
                      "(DDPM linear, epsilon prediction)")
     src.add_argument("--model", help="a checkpoint folder, a diffusers model folder or a shipped model name "
-                     "(ds.load)")
+                     "(ds.load); name@w: a class-conditional model under classifier-free guidance w")
     p.add_argument("--nfe", nargs="+", default=[str(n) for n in DEFAULT_NFES], help="NFE budgets (default 5 6 8 10)")
     p.add_argument("--out", default="profile.json", help="profile path (default: %(default)s; a .safetensors is "
                    "written next to it)")
@@ -75,8 +75,8 @@ def model_from_args(args) -> Tuple[Denoiser, Optional[GaussianMixture]]:
     if args.reference:
         ref = _references()[args.reference][1]()
         return ref.denoiser(VPDiscrete.linear(1000), "epsilon"), ref
-    from ..hub import load
-    return load(args.model), None
+    from ..hub import load_spec
+    return load_spec(args.model, 4096)[0], None  # 'name@w': the guided model, labels bound (hub.spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
