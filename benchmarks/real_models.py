@@ -165,9 +165,9 @@ def run_model(spec: str, a, res: Optional[Dict[str, Any]],
         if save is not None:  # nothing lost on a crash: the rows so far are on disk
             save(res)
 
-    from diffsolve.sampling.defaults import default_sampler, model_parameterisation
+    from diffsolve.sampling.defaults import default_sampler, model_guidance, model_parameterisation
     for n in NFES:
-        rule = default_sampler(n, model.process, model_parameterisation(model))
+        rule = default_sampler(n, model.process, model_parameterisation(model), model_guidance(model))
         key = f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
         if ("diffsolve", H.DEFAULT, key, n) not in have:
             add(H.run_default(problem(), n))
@@ -236,9 +236,9 @@ def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) ->
 
 def rule_variant(spec: str, n: int) -> str:
     """The default-rule row's variant that the current rule gives at NFE n (older rules' rows are ignored)."""
-    from diffsolve.sampling.defaults import default_sampler, model_parameterisation
+    from diffsolve.sampling.defaults import default_sampler, model_guidance, model_parameterisation
     model, _ = load_spec(spec, 1)
-    rule = default_sampler(n, model.process, model_parameterisation(model))
+    rule = default_sampler(n, model.process, model_parameterisation(model), model_guidance(model))
     return f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
 
 

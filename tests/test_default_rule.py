@@ -252,3 +252,26 @@ def test_diffusers_scheduler_defaults_follow_the_rule():
     assert DiffsolveScheduler().resolved(None)[:3] == ("dpm++2m", "logsnr", "denoise")  # explicit timesteps
     with pytest.raises(ValueError, match="spacing"):
         DiffsolveScheduler(spacing="nope")
+
+
+def test_guided_models_get_the_guided_choice():
+    """A model under classifier-free guidance (scale > 1; read from its identity) gets second order up to 10 NFE on
+    a discrete schedule; guidance 1 is the unguided model's choice; ds.sample follows it."""
+    from diffsolve.sampling.defaults import model_guidance
+
+    VP = ds.VPDiscrete.linear(1000)
+    assert default_sampler(8, VP, "epsilon", 3.0) == DefaultSampler("unipc-bh2", {"order": 2}, "linspace", "t_min")
+    assert default_sampler(8, VP, "epsilon", 1.0) == default_sampler(8, VP, "epsilon")
+    assert default_sampler(15, VP, "epsilon", 3.0) == default_sampler(15, VP, "epsilon")
+    assert default_sampler(8, ds.EDM(), "edm", 3.0) == default_sampler(8, ds.EDM(), "edm")  # no measured change
+
+    def net(x, t, c=None):
+        return 0.1 * x + (0.0 if c is None else 0.01 * c.to(x.dtype).reshape(-1, 1))
+
+    den = ds.Denoiser(net, VP, "epsilon", dtype=DT)
+    g = ds.ClassifierFreeGuidance(den, 3.0, {"c": torch.tensor([0])})
+    assert model_guidance(g) == 3.0 and model_guidance(den) in (None, 1.0)
+    kw = {"model_kwargs": {"c": torch.tensor([1, 2])}}
+    x = ds.sample(g, noise(2), nfe=8, **kw)
+    want = ds.sample(g, noise(2), "unipc-bh2", nfe=8, spacing="linspace", final="t_min", order=2, **kw)
+    assert torch.equal(x, want)

@@ -401,9 +401,9 @@ DEFAULT = "default rule"
 def run_default(pb: Problem, nfe: int, dtype: torch.dtype = DT) -> Dict[str, Any]:
     """One run of ``ds.sample(model, noise, nfe=nfe)`` with no other option: the library's default rule
     (``diffsolve.sampling.defaults.default_sampler``)."""
-    from ..sampling.defaults import default_sampler, model_parameterisation
+    from ..sampling.defaults import default_sampler, model_guidance, model_parameterisation
 
-    rule = default_sampler(nfe, pb.process, model_parameterisation(pb.den))
+    rule = default_sampler(nfe, pb.process, model_parameterisation(pb.den), model_guidance(pb.den))
     opts = "".join(f",{k}={v}" for k, v in rule.options.items())
     variant = f"{rule.spacing}/{rule.final}{opts}"
     config = {"solver": rule.solver, "options": dict(rule.options), "spacing": str(rule.spacing),

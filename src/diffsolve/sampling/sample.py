@@ -19,7 +19,8 @@ from ..solvers.drivers import Call, Evaluator, Step, drive
 from ..solvers.registry import Plan, SolverInfo
 from ..solvers.state import Noise, SamplingError, SolverState
 from ..util import seeding
-from .defaults import LEGACY_FINAL, LEGACY_SOLVER, LEGACY_SPACING, default_sampler, model_parameterisation
+from .defaults import (LEGACY_FINAL, LEGACY_SOLVER, LEGACY_SPACING, default_sampler, model_guidance,
+                       model_parameterisation)
 
 Tensor = torch.Tensor
 
@@ -222,7 +223,8 @@ def _resolve_defaults(model: Model, nfe: Optional[int], grid: Any, solver: Optio
     """(solver, spacing, final, options) of a run without a profile: the default rule fills what is not given
     when no solver and no grid are given; otherwise the previous defaults (dpm++2m, logsnr, denoise) do."""
     if solver is None and grid is None:
-        rule = default_sampler(10 if nfe is None else nfe, model.process, model_parameterisation(model))
+        rule = default_sampler(10 if nfe is None else nfe, model.process, model_parameterisation(model),
+                               model_guidance(model))
         return (rule.solver, rule.spacing if spacing is None else spacing, rule.final if final is None else final,
                 {**rule.options, **options})
     return (LEGACY_SOLVER if solver is None else solver, LEGACY_SPACING if spacing is None else spacing,

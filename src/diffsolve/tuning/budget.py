@@ -199,11 +199,11 @@ def _named(process, solver: str, nfe: int, spacing: str, final: str) -> Candidat
     return Candidate(solver, t, final, {}, f"{spacing}/{final}")
 
 
-def _rule(process, nfe: int, parameterisation: Optional[str]) -> Candidate:
+def _rule(process, nfe: int, parameterisation: Optional[str], guidance: Optional[float] = None) -> Candidate:
     """The library's default for this budget (``sampling.defaults.default_sampler``), as a candidate."""
     from ..sampling.defaults import default_sampler
 
-    r = default_sampler(nfe, process, parameterisation)
+    r = default_sampler(nfe, process, parameterisation, guidance)
     n_pts, _ = _n_points(r.solver, nfe, r.final)
     t = make_grid(process, n_pts, r.spacing, "t_min").t
     return Candidate(r.solver, t, r.final, dict(r.options), "default")
@@ -518,9 +518,9 @@ class BudgetSearch:
         proc, nfe, solvers = self.proc, self.nfe, self.solvers
         fam_core = [(0.5, 0.7), (0.45, 0.55), (0.6, 0.8), (0.4, 0.55)]
         fam_rest = [(ue, w) for ue in (0.35, 0.45, 0.55, 0.65, 0.75, 0.9) for w in (0.45, 0.6, 0.75, 0.9, 1.15)]
-        from ..sampling.defaults import model_parameterisation
+        from ..sampling.defaults import model_guidance, model_parameterisation
 
-        self.default = _rule(proc, nfe, model_parameterisation(self.den))
+        self.default = _rule(proc, nfe, model_parameterisation(self.den), model_guidance(self.den))
         self.peer_of: Dict[tuple, str] = {}  # candidate key -> the peer configurations it reproduces
         self.peers: List[Candidate] = []
         for c, variant in peer_candidates(proc, nfe, solvers):
