@@ -19,8 +19,14 @@ from ..solvers.drivers import Call, Evaluator, Step, drive
 from ..solvers.registry import Plan, SolverInfo
 from ..solvers.state import Noise, SamplingError, SolverState
 from ..util import seeding
-from .defaults import (LEGACY_FINAL, LEGACY_SOLVER, LEGACY_SPACING, default_sampler, model_guidance,
-                       model_parameterisation)
+from .defaults import (
+    LEGACY_FINAL,
+    LEGACY_SOLVER,
+    LEGACY_SPACING,
+    default_sampler,
+    model_guidance,
+    model_parameterisation,
+)
 
 Tensor = torch.Tensor
 
