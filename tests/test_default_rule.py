@@ -129,17 +129,14 @@ def test_every_parameterisation_samples_with_the_rule(name, pred):
 
 
 def test_parameterisations_of_an_exact_model_give_the_same_sample():
-    """Parameterisations that get the same choice give the same sample of an exact model (one ODE); v on a
-    discrete schedule gets its own choice (bh2; the learned digits-v network needs it) and the sample of the
-    exact model then equals the explicit bh2 run of the epsilon model."""
+    """The rule gives every parameterisation the same choice; with exact networks of one mixture they all
+    describe the same ODE, so the samples agree (the epsilon MNIST and the v digits-v models want the same choice:
+    docs/real_models.md)."""
     VP = ds.VPDiscrete.linear(1000)
     z = noise(3)
     xs = {p: ds.sample(MIX.denoiser(VP, p), z, nfe=8) for p in ("epsilon", "x0", "v", "score")}
-    for p in ("x0", "score"):
-        assert float((xs[p] - xs["epsilon"]).norm() / xs["epsilon"].norm()) < 1e-8, p
-    assert default_sampler(8, VP, "v").solver == "unipc-bh2" != default_sampler(8, VP, "epsilon").solver
-    bh2 = ds.sample(MIX.denoiser(VP, "epsilon"), z, "unipc-bh2", nfe=8, spacing="linspace", final="t_min", order=3)
-    assert float((xs["v"] - bh2).norm() / bh2.norm()) < 1e-8
+    for p, x in xs.items():
+        assert float((x - xs["epsilon"]).norm() / xs["epsilon"].norm()) < 1e-8, p
 
 
 # ----------------------------------------------------------------------------------------
