@@ -168,8 +168,7 @@ def run_model(spec: str, a, res: Optional[Dict[str, Any]],
     from diffsolve.sampling.defaults import default_sampler, model_guidance, model_parameterisation
     for n in NFES:
         rule = default_sampler(n, model.process, model_parameterisation(model), model_guidance(model))
-        key = f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
-        if ("diffsolve", H.DEFAULT, key, n) not in have:
+        if not any(is_rule_row(r, rule_key(rule)) and r["nfe_budget"] == n for r in rows):
             add(H.run_default(problem(), n))
     if profile is not None and res.get("profile_created") != profile.meta.get("created"):
         rows[:] = [r for r in rows if r["family"] != H.TUNED]  # a new profile replaces the old one's rows
@@ -234,17 +233,29 @@ def grids(res: Dict[str, Any], pb: H.Problem, out_dir: str, n_show: int = 16) ->
     return files
 
 
-def rule_variant(spec: str, n: int) -> str:
-    """The default-rule row's variant that the current rule gives at NFE n (older rules' rows are ignored)."""
+def rule_key(rule) -> Tuple[str, str]:
+    """(solver, variant) of a default-rule row of this choice of the rule."""
+    return rule.solver, f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
+
+
+def is_rule_row(r: Dict[str, Any], key: Tuple[str, str]) -> bool:
+    if r["family"] != H.DEFAULT:
+        return False
+    cfg = r["config"]
+    solver = (json.loads(cfg) if isinstance(cfg, str) else cfg).get("solver")
+    return (solver, r["variant"]) == key
+
+
+def rule_variant(spec: str, n: int) -> Tuple[str, str]:
+    """The key of the default-rule rows that the current rule gives at NFE n (older rules' rows are ignored)."""
     from diffsolve.sampling.defaults import default_sampler, model_guidance, model_parameterisation
     model, _ = load_spec(spec, 1)
-    rule = default_sampler(n, model.process, model_parameterisation(model), model_guidance(model))
-    return f"{rule.spacing}/{rule.final}" + "".join(f",{k}={v}" for k, v in rule.options.items())
+    return rule_key(default_sampler(n, model.process, model_parameterisation(model), model_guidance(model)))
 
 
 def summary(res: Dict[str, Any], n: int) -> Dict[str, Optional[Dict[str, Any]]]:
     rows, v = res["rows"], rule_variant(res["model"], n)
-    return {"default": best(rows, n, lambda r: r["family"] == H.DEFAULT and r["variant"] == v),
+    return {"default": best(rows, n, lambda r: is_rule_row(r, v)),
             "tuned": best(rows, n, lambda r: r["family"] == H.TUNED),
             "peer": best(rows, n, lambda r: r["library"] != "diffsolve")}
 
