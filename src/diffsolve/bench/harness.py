@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..adapters.denoiser import ModelWrapper, with_network
-from ..evaluation.teacher import ExactTeacher, ModelTeacher
+from ..evaluation.teacher import ExactTeacher, ModelTeacher, fine_grid
 from ..util.jsonable import jsonable
 from . import library as ds
 from . import peers as P
@@ -317,14 +317,6 @@ def exact_problem(dim: int, batch: int, seed: int = 0, process=None, mixture_see
     reference = ExactReference(ref, proc, noise)
     return Problem(f"mixture-{dim}", dim, batch, den, net, net, noise, reference, (dim,),
                    [seed * 1_000_003 + i for i in range(batch)])
-
-
-def fine_grid(process) -> str:
-    """The grid of a converged reference: uniform in t (every DDPM timestep on a discrete schedule, which is rough
-    near t = 0 for a trained network), Karras for EDM (uniform in sigma would spend the steps at large noise).
-    Two such 1000-NFE third-order solutions agree to ~1e-4 RMSE on the shipped models
-    (``benchmarks/reference_convergence.py``)."""
-    return "karras" if type(process).__name__ == "EDM" else "uniform"
 
 
 def model_problem(den, batch: int, seed: int = 0, shape: Optional[Sequence[int]] = None,
