@@ -29,15 +29,10 @@ import torch
 
 import diffsolve as ds
 from diffsolve.bench.models import load_spec
+from diffsolve.evaluation.teacher import fine_grid
 from diffsolve.util import seeding
 
 DT = torch.float64
-
-
-def fine_grid(process) -> str:
-    """The grid on which the fine solutions take their steps: every DDPM timestep (discrete VP), uniform in t
-    (flows), Karras (EDM, where uniform in sigma would waste the steps at large noise)."""
-    return "karras" if isinstance(process, ds.EDM) else "uniform"
 
 
 def solutions(process) -> List[Tuple[str, str, Dict, str, int]]:

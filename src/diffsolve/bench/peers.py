@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..adapters.parameterisation import edm_coefficients
+
 Tensor = torch.Tensor
 DT = torch.float64
 
@@ -521,8 +523,6 @@ class PeerModel:
         return self._eval(x, timestep).eps.to(x.dtype)
 
     def _coeffs(self, sigma: Tensor, ndim: int) -> Dict[str, Tensor]:
-        from ..adapters.parameterisation import edm_coefficients
-
         shape = (-1,) + (1,) * (ndim - 1)
         return {k: v.reshape(shape) for k, v in edm_coefficients(sigma, self.process.sigma_data).items()}
 

@@ -97,7 +97,7 @@ def restoration_panel(out_dir: Union[str, os.PathLike] = "out", images: int = 8,
         x, _ = inverse.sample(prior, op, y, cfg["sigma_y"], method=cfg["method"], nfe=cfg["nfe"], n=samples,
                               seeds=[seed * 1000 + samples * i + j for j in range(samples)])
         rows.append(x.clamp(-1, 1))
-        ys.append(op.adjoint(y) if hasattr(op, "adjoint") else op.pinv(y))
+        ys.append(op.adjoint(y))
     seconds = time.perf_counter() - t0
     x = torch.stack(rows)  # [images, samples, C, H, W]
     read = default_metric().features(x.flatten(0, 1).float())[1].reshape(images, samples)

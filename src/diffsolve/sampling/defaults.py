@@ -56,7 +56,7 @@ from ..processes import NoiseProcess
 
 __all__ = ["DefaultSampler", "PowerSpacing", "default_sampler", "process_kind", "model_parameterisation",
            "rule_table", "band_label", "model_guidance", "AUTO", "LEGACY_SOLVER", "LEGACY_SPACING", "LEGACY_FINAL", "RULES",
-           "GROUP_OF_KIND", "SPACING_BY_KIND"]
+           "GROUP_OF_KIND"]
 
 #: the defaults before the rule (``ds.sample`` with an explicit solver or grid still fills these in)
 LEGACY_SOLVER, LEGACY_SPACING, LEGACY_FINAL = "dpm++2m", "logsnr", "denoise"
@@ -128,8 +128,6 @@ GROUP_OF_KIND_AND_PREDICTION: Dict[Tuple[str, str], str] = {}
 #: network is rougher, and second order holds up better at few steps (measured on mnist-cfg at w = 3, where UniPC-bh1
 #: order 3 was 1.3-1.4x the best peer at NFE 5-6; DPM-Solver++ recommends its 2M for guided sampling too)
 GUIDED_GROUP: Dict[str, str] = {"discrete": "discrete-guided"}
-#: kept for callers of the former single-band table: process kind -> its spacing name of the first band
-SPACING_BY_KIND: Dict[str, str] = {k: RULES[g][0][4] for k, g in GROUP_OF_KIND.items()}
 
 _CLASSES = ("VPDiscrete", "VPContinuous", "RectifiedFlow", "AffineInterpolant", "VE", "EDM")
 

@@ -26,7 +26,7 @@ from ...sampling import sample
 from ...solvers.state import Noise
 from ..exact import check_measurement
 from ..operators import Operator
-from .ddrm import complete_basis
+from .ddrm import spectrum
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -45,10 +45,7 @@ class DAPS:
             raise ValueError(f"DAPS's data_var must be > 0, got {data_var}")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
-        U, S, V = op.svd()
-        self.r = S.numel()
-        self.V = complete_basis(V.to(DT))
-        self.s = torch.cat([S.to(DT), torch.zeros(op.in_dim - self.r, dtype=DT)])
+        _, _, self.V, self.s = spectrum(op)
         self.ode_steps, self.data_var = int(ode_steps), float(data_var)
         self.nfe = self.vjps = 0
 

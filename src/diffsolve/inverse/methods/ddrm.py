@@ -15,6 +15,7 @@ evaluation per step (the defaults eta = 0.85, eta_b = 1 are the paper's).
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 
@@ -39,6 +40,14 @@ def complete_basis(V: Tensor) -> Tensor:
     return Q
 
 
+def spectrum(op: Operator) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(U [m, r], S [r], V [d, d], s [d]) of a linear operator: its SVD with V completed to an orthonormal basis of
+    the data space and s its singular values padded with zeros for the unobserved directions."""
+    U, S, V = op.svd()
+    s = torch.cat([S.to(DT), torch.zeros(op.in_dim - S.numel(), dtype=DT)])
+    return U, S, complete_basis(V.to(DT)), s
+
+
 class DDRM:
     name = "ddrm"
 
@@ -49,10 +58,8 @@ class DDRM:
             raise ValueError("DDRM's eta and eta_b must lie in [0, 1]")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
-        U, S, V = op.svd()
+        U, S, self.V, self.s = spectrum(op)
         self.r = S.numel()
-        self.V = complete_basis(V.to(DT))
-        self.s = torch.cat([S.to(DT), torch.zeros(op.in_dim - self.r, dtype=DT)])
         self.y_bar = torch.cat([(self.y.reshape(-1).to(DT) @ U) / S, torch.zeros(op.in_dim - self.r, dtype=DT)])
         self.eta, self.eta_b = float(eta), float(eta_b)
         self.nfe = self.vjps = 0
