@@ -830,7 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
 # commands whose own parsers live next to the code they drive
 DELEGATED = {"train": ("diffsolve.training.train", "train a UNet (python -m diffsolve.training --help)"),
              "bench": ("diffsolve.bench.api", "benchmark our solvers against diffusers and k-diffusion"),
-             "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile")}
+             "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile"),
+             "quantize": ("diffsolve.compression.cli", "quantise a model (timestep-aware); packed file and --report"),
+             "distill": ("diffsolve.distillation.cli", "distil a few-step student (reflow, mmd, consistency)")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -179,6 +179,20 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class FeatureCache:
+    """Deep features kept between calls (feature reuse across adjacent sampling steps: A-SDM's feature
+    inheritance, arXiv:2406.00210; DeepCache, arXiv:2312.00858).  With ``depth`` d, a full call stores the input of
+    the d shallowest up levels; a call with ``reuse = True`` computes only the d shallowest down levels (their skip
+    connections) and those up levels, starting from the stored feature."""
+
+    def __init__(self, depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+        self.feature: Optional[Tensor] = None
+        self.reuse = False
+
+
 class UNet(nn.Module):
     """``UNet(UNetConfig(...))`` or ``UNet(base_channels=..., ...)``; ``forward(x, t) -> same shape as x``
     (``forward(x, t, class_labels=y)`` when ``num_classes > 0``)."""
@@ -254,7 +268,8 @@ class UNet(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return y.long()
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None,
+                cache: Optional[FeatureCache] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}")
         b, _, h, w = x.shape
@@ -271,8 +286,16 @@ class UNet(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
 
+        levels = len(self.down)
+        depth = cache.depth if cache is not None else levels
+        if cache is not None and depth >= levels:
+            raise ValueError(f"feature reuse depth must be below the number of levels ({levels}), got {depth}")
+        reuse = cache is not None and cache.reuse and cache.feature is not None \
+            and cache.feature.shape[0] == x.shape[0]
         hs = [self.conv_in(x)]
-        for level in self.down:
+        for li, level in enumerate(self.down):
+            if reuse and li >= depth:
+                break
             for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hs.append(layer(hs[-1], temb))
@@ -280,10 +303,17 @@ class UNet(nn.Module):
                     hs[-1] = layer(hs[-1])
                 else:
                     hs.append(layer(hs[-1]))
-        hcur = hs[-1]
-        for layer in self.mid:
-            hcur = layer(hcur, temb) if isinstance(layer, ResBlock) else layer(hcur)
-        for level in self.up:
+        if reuse:
+            assert cache is not None and cache.feature is not None
+            hs.pop()  # the last downsampling feeds only the deeper, reused levels
+            hcur, up = cache.feature, list(self.up)[levels - depth:]
+        else:
+            hcur, up = hs[-1], list(self.up)
+            for layer in self.mid:
+                hcur = layer(hcur, temb) if isinstance(layer, ResBlock) else layer(hcur)
+        for ui, level in enumerate(up):
+            if cache is not None and not reuse and ui == levels - depth:
+                cache.feature = hcur
             for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hcur = layer(torch.cat([hcur, hs.pop()], dim=1), temb)
@@ -294,11 +324,14 @@ class UNet(nn.Module):
 
 
 def build_model(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a network from its JSON architecture dict ({'type': 'UNet', ...config fields})."""
+    """Build a network from its JSON architecture dict ({'type': 'UNet' | 'MLP', ...config fields})."""
     arch = dict(arch)
     kind = arch.pop("type", "UNet")
+    if kind == "MLP":
+        from .mlp import MLP, MLPConfig
+        return MLP(MLPConfig.from_dict(arch))
     if kind != "UNet":
-        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet')")
+        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet', 'MLP')")
     return UNet(UNetConfig.from_dict(arch))
 
 
