@@ -54,5 +54,6 @@ def distill(teacher: Union[Denoiser, str], method: str = "reflow", nfe: int = 2,
             raise ValueError("features= is an option of method='mmd'")
         kw["features"] = features
     m = METHODS[method](cfg, **kw)
-    teacher.net.requires_grad_(False) if isinstance(teacher.net, nn.Module) else None
+    if isinstance(teacher.net, nn.Module):
+        teacher.net.requires_grad_(False)
     return run_loop(DistillRun(teacher, cfg, m))

@@ -17,6 +17,7 @@ killed run resumes at the first missing chunk.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -26,7 +27,7 @@ from ..adapters.denoiser import Denoiser
 from ..grids import make_grid
 from ..sampling import sample
 from ..util import seeding
-from ..util.files import save_safetensors
+from ..util.files import json_dump_atomic, save_safetensors
 from .run import DistillConfig, DistillRun, Method
 
 Tensor = torch.Tensor
@@ -83,6 +84,13 @@ class Reflow(Method):
 
         folder = run.out / "pairs"
         folder.mkdir(parents=True, exist_ok=True)
+        settings = {"solver": self.pair_solver, "nfe": self.pair_nfe, "spacing": self.pair_spacing,
+                    "chunk": self.chunk, "seed": int(run.cfg.seed)}
+        meta = folder / "pairs.json"
+        if meta.exists() and json.loads(meta.read_text()) != settings:
+            raise ValueError(f"{folder} holds pairs made with {json.loads(meta.read_text())}, not {settings}: "
+                             "use another out_dir")
+        json_dump_atomic(settings, meta)
         shape = run.teacher.sample_shape
         if shape is None:
             raise ValueError("reflow needs the teacher's sample_shape (ds.Denoiser(..., sample_shape=...))")

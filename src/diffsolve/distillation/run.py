@@ -232,7 +232,8 @@ def run_loop(run: DistillRun) -> Path:
                 run.stopped_by_budget = True
                 break
             loss = run.method.loss(run, step)
-            if not math.isfinite(float(loss)):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise FloatingPointError(f"distillation loss is not finite at step {step}")
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -243,8 +244,8 @@ def run_loop(run: DistillRun) -> Path:
             step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4g}", cpu_min=f"{run.cpu_s / 60:.1f}")
-            log.write(json.dumps({"step": step, "loss": float(loss), "cpu_s": round(run.cpu_s, 1),
+                bar.set_postfix(loss=f"{value:.4g}", cpu_min=f"{run.cpu_s / 60:.1f}")
+            log.write(json.dumps({"step": step, "loss": value, "cpu_s": round(run.cpu_s, 1),
                                   "wall_s": round(run.wall_s, 1)}) + "\n")
             if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 run.save_checkpoint(step)
