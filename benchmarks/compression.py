@@ -2,7 +2,6 @@
 packed bytes, ms per NFE per backend, per-t network error; and calibration on one grid, sampling on another.
 
     python benchmarks/compression.py --variants w8a8 w4-learned ... --out out/compression   # one JSON per variant
-    python benchmarks/compression.py --doc docs/compression.md --out out/compression        # tables from the JSONs
 
 Samples: seeds 0..255, dpm++2m on the log-SNR grid (the solver of the research measurements), 1 thread.
 """
@@ -94,15 +93,10 @@ def main() -> int:
     ap.add_argument("--spacing", default="logsnr")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding: steps per block")
     ap.add_argument("--out", default="out/compression")
-    ap.add_argument("--doc", default=None, help="write the Markdown tables from the JSONs in --out to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.doc:
-        from diffsolve.compression.report import write_doc
-        write_doc(out, Path(args.doc))
-        return 0
     den = ds.load("mnist")
     metric = default_metric()
     for name in args.variants:
