@@ -274,3 +274,21 @@ def test_feature_reuse_saves_flops_and_interval_one_is_exact(den):
     assert r.net.full_calls == 10
     with pytest.raises(ValueError, match="depth"):
         feature_reuse(den, depth=2)
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+def test_quantize_command_writes_a_packed_file_and_a_report(den, tmp_path, capsys):
+    from diffsolve.cli.main import main
+    ckpt = ds.save_model(tmp_path / "model", den.net, den.config)
+    rc = main(["quantize", "--model", str(ckpt), "--weights", "int4", "--out", str(tmp_path / "q"), "--report",
+               "--images", "4", "--nfe", "3", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert set(rep["samples"]) == {"3"} and rep["samples"]["3"]["rmse"] > 0 and rep["bytes"]["ratio"] < 0.5
+    assert rep["per_t"] and all(r["rel_err"] > 0 for r in rep["per_t"])
+    assert "sample RMSE" in capsys.readouterr().out
+    assert isinstance(load_packed(tmp_path / "q"), ds.Denoiser)
+    assert main(["quantize", "--model", str(ckpt), "--weights", "int3"]) == 2
+    assert "error: unknown number format" in capsys.readouterr().err

@@ -137,3 +137,16 @@ def test_consistency_sampler_renoises_to_the_exact_marginal():
     a, s = float(proc.alpha(torch.tensor(t))), float(proc.sigma(torch.tensor(t)))
     assert abs(float(xs.mean()) - a * c) < 4 * s / (2 * n) ** 0.5
     assert abs(float(xs.std()) - s) < 0.05 * s
+
+
+def test_distill_command(teacher, tmp_path, capsys):
+    from diffsolve.cli.main import main
+    ckpt = ds.save_model(tmp_path / "teacher", teacher.net, teacher.config)
+    args = ["distill", "--teacher", str(ckpt), "--method", "reflow", "--nfe", "1", "--steps", "2", "--batch-size",
+            "4", "--out", str(tmp_path / "run"), "--no-progress", "--option", "pairs=8", "--option", "chunk=8",
+            "--option", "pair_nfe=2"]
+    assert main(args) == 0
+    assert ds.load(tmp_path / "run" / "model").config["distillation"]["steps"] == 2
+    assert main(["distill", "--teacher", str(ckpt), "--out", str(tmp_path / "x"), "--option", "bogus=1",
+                 "--no-progress"]) == 2
+    assert "error: unknown reflow option" in capsys.readouterr().err
