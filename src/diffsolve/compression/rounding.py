@@ -85,30 +85,29 @@ def blocks(net: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def _record(net: nn.Module, name: str, data: CalibrationSet, time_net: Optional[QuantizedNet], idx: Tensor,
-            batch: int, want_out: bool) -> Tuple[List[Tuple[Tensor, ...]], List[Tensor]]:
-    """Inputs (and outputs) of block ``name`` of ``net`` on the calibration samples ``idx``."""
-    ins: List[Tuple[Tensor, ...]] = []
-    outs: List[Tensor] = []
-    block = net.get_submodule(name)
-
-    def hook(mod, args, out):
-        ins.append(tuple(a.detach() for a in args))
-        if want_out:
-            outs.append(out.detach())
-
-    h = block.register_forward_hook(hook)
+def _record(net: nn.Module, names: List[str], data: CalibrationSet, idx: Tensor, caller: Optional[nn.Module] = None,
+            batch: int = 64) -> Dict[str, Tuple[List[Tensor], Tensor]]:
+    """Inputs and outputs of the blocks ``names`` of ``net`` on the calibration samples ``idx``, in one pass; the
+    samples go through ``caller`` (default ``net``; a ``QuantizedNet`` for its inner network, to set time bins)."""
+    ins: Dict[str, List[Tuple[Tensor, ...]]] = {n: [] for n in names}
+    outs: Dict[str, List[Tensor]] = {n: [] for n in names}
+    hooks = []
+    for n in names:
+        def hook(mod, args, out, n=n):
+            ins[n].append(tuple(a.detach() for a in args))
+            outs[n].append(out.detach())
+        hooks.append(net.get_submodule(n).register_forward_hook(hook))
+    caller = caller if caller is not None else net
     try:
         for i in range(0, idx.numel(), batch):
             j = idx[i:i + batch]
-            x, t = data.x[j], data.t[j]
-            if time_net is not None:
-                time_net(x, t)
-            else:
-                net(x, t)
+            caller(data.x[j], data.t[j])
     finally:
-        h.remove()
-    return ins, outs
+        for h in hooks:
+            h.remove()
+    return {n: ([torch.cat([b[k] for b in ins[n]]) for k in range(len(ins[n][0]))], torch.cat(outs[n]))
+            for n in names}
+
 
 
 def learn_rounding(qnet: QuantizedNet, float_net: nn.Module, data: CalibrationSet, samples: int = 256,
@@ -127,11 +126,10 @@ def learn_rounding(qnet: QuantizedNet, float_net: nn.Module, data: CalibrationSe
         from tqdm.auto import tqdm
         it = tqdm(units, desc="learned rounding", unit="block")
     errors: Dict[str, float] = {}
+    float_io = _record(float_net, [n for n, _ in units], data, idx)  # targets: the full-precision blocks
     for name, qblock in it:
-        x_f, y_f = _record(float_net, name, data, None, idx, 64, True)
-        x_q, _ = _record(qnet.net, name, data, qnet, idx, 64, False)
-        xq = [torch.cat([b[k] for b in x_q]) for k in range(len(x_q[0]))]
-        y = torch.cat(y_f)
+        xq = _record(qnet.net, [name], data, idx, caller=qnet)[name][0]  # inputs: the network quantised so far
+        y = float_io.pop(name)[1]
         own = [m for m in qblock.modules() if isinstance(m, QuantLayer)]
         params = []
         for m in own:
