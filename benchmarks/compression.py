@@ -55,11 +55,12 @@ def references(den, n: int, nfes, solver, spacing, out: Path) -> Dict[int, torch
     return refs
 
 
-def run_variant(name: str, den, metric, nfes, solver, spacing, out: Path, iters: int, n: int) -> Dict[str, Any]:
+def run_variant(name: str, den, metric, nfes, solver, spacing, out: Path, iters: int, n: int,
+                samples: int = 256) -> Dict[str, Any]:
     kw = dict(VARIANTS[name])
     t0, c0 = time.time(), time.process_time()
     if kw.get("rounding") == "learned":
-        kw["rounding_options"] = {"iters": iters}
+        kw["rounding_options"] = {"iters": iters, "samples": samples}
     q = quantize(den, calibration=Calibration(), **kw)
     spent = {"quantize_wall_s": time.time() - t0, "quantize_cpu_s": time.process_time() - c0}
     refs = references(den, n, nfes, solver, spacing, out)
@@ -84,6 +85,31 @@ def cross_grid(den, n: int, out: Path) -> Dict[str, Any]:
     return res
 
 
+def table(out: Path) -> str:
+    """Markdown tables of the JSONs in ``out``."""
+    rows = ["| variant | weights | activations | granularity | rounding | backend | RMSE NFE 10 | PSNR NFE 10 | "
+            "RMSE NFE 20 | FD-LeNet (float) | ΔFD | packed bytes (× float32) | ms/NFE (batch 64) |",
+            "|" + "---|" * 13]
+    for name in VARIANTS:
+        f = out / f"{name}.json"
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        st = d.get("settings", {})
+        s10, s20 = d["samples"].get("10", {}), d["samples"].get("20", {})
+        fd = d.get("fd") or {}
+        b = d.get("bytes")
+        rows.append(f"| {name} | {st.get('weights')} | {st.get('activations') or '-'} | "
+                    f"{st.get('granularity', 'channel')} | {st.get('rounding', 'nearest')} | "
+                    f"{st.get('backend', 'fake')} | {s10.get('rmse', float('nan')):.4f} | "
+                    f"{s10.get('psnr', float('nan')):.1f} | {s20.get('rmse', float('nan')):.4f} | "
+                    f"{fd.get('fd', float('nan')):.2f} ({fd.get('fd_float', float('nan')):.2f}) | "
+                    f"{fd.get('delta', float('nan')):+.2f} | "
+                    + (f"{b['packed']:,} ({b['ratio']:.3f})" if b else "-")
+                    + f" | {d.get('ms_per_nfe', float('nan')):.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="*", default=[], help=f"any of {list(VARIANTS)} and 'cross-grid', 'timing'")
@@ -92,11 +118,16 @@ def main() -> int:
     ap.add_argument("--solver", default="dpm++2m")
     ap.add_argument("--spacing", default="logsnr")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding: steps per block")
+    ap.add_argument("--rounding-samples", type=int, default=256, help="learned rounding: calibration inputs used")
     ap.add_argument("--out", default="out/compression")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of the JSONs in --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print(table(out))
+        return 0
     den = ds.load("mnist")
     metric = default_metric()
     for name in args.variants:
@@ -110,7 +141,8 @@ def main() -> int:
                 res[v] = ms_per_nfe(quantize(den, calibration=Calibration(samples=4, nfe=10), **kw))
             res["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, shared"
         else:
-            res = run_variant(name, den, metric, args.nfe, args.solver, args.spacing, out, args.iters, args.images)
+            res = run_variant(name, den, metric, args.nfe, args.solver, args.spacing, out, args.iters, args.images,
+                              args.rounding_samples)
         res["wall_s"] = time.time() - t0
         (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
         print(name, json.dumps({k: v for k, v in res.items() if k != "per_t"}), file=sys.stderr, flush=True)

@@ -54,8 +54,7 @@ def main() -> int:
     metric = default_metric()
     n = args.images
     xs = {}
-    for name, model in (("full", den), ("reuse d1 k2", feature_reuse(den, depth=1, interval=2)),
-                        ("reuse d1 k3", feature_reuse(den, depth=1, interval=3))):
+    for name, model in (("full", den), ("reuse d1 k2", feature_reuse(den, depth=1, interval=2))):
         parts, total = [], 0
         with torch.no_grad():
             for i in range(0, n, 128):

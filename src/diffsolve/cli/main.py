@@ -6,7 +6,6 @@ each sample can be scored against the exact probability-flow ODE solution from t
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from ..processes import PRESETS
 from ..reference import REFERENCES, ExactTargets
 from ..util import seeding
 from ..util.jsonable import jsonable
+from ..util.options import parse_options
 
 PROCESSES = PRESETS
 PREDICTIONS = tuple(p for p in PARAMETERISATIONS if not PARAMETERISATIONS[p].preconditioned)
@@ -51,16 +51,10 @@ def _write_json(path: Path, obj: Dict[str, Any]) -> None:
 
 def _parse_options(items: Sequence[str]) -> Dict[str, Any]:
     """``["order=3", "eta=0.5", "variant=bh1"]`` -> solver options (Python literals, else strings)."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CLIError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw
-    return out
+    try:
+        return parse_options(items)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _noise_and_seeds(n: int, shape: Sequence[int], seed: int):

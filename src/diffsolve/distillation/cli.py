@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from ..util.options import parse_options
 from .api import METHODS, distill
 
 
@@ -31,19 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(items: Sequence[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -51,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = distill(args.teacher, method=args.method, nfe=args.nfe, budget_minutes=args.budget_minutes,
                        out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, progress=args.progress, threads=args.threads,
-                       **_options(args.option))
+                       **parse_options(args.option))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,14 +2,14 @@
 [B, D] (or [B, *shape], flattened and restored) and t [B]; sinusoidal time embedding added to every hidden layer."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import timestep_embedding
+from .unet import config_from_dict, timestep_embedding
 
 Tensor = torch.Tensor
 
@@ -26,11 +26,7 @@ class MLPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MLPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"type"})
-        if unknown:
-            raise ValueError(f"unknown MLP config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "MLP")
 
 
 class MLP(nn.Module):
