@@ -54,6 +54,13 @@ def main() -> int:
     res["images"] = args.images
     metrics = {"lenet": default_metric(), "judge": judge_metric()}
     den = ds.load("mnist")
+    for item in args.student:
+        name, _, folder = item.partition("=")
+        st = ds.load(folder)
+        info = st.config["distillation"]
+        res.setdefault("students", {})[name] = {"folder": folder, "distillation": info,
+                                                "fd": score(samples(st, args.images, **info["sampler"]), metrics)}
+        path.write_text(json.dumps(res, indent=2) + "\n")
     base = res.setdefault("teacher", {})
     for k in args.nfes:
         key = f"default@{k}"
@@ -74,13 +81,6 @@ def main() -> int:
                         base[key] = score(samples(den, args.images, solver=s, nfe=k, spacing=g, final=f), metrics)
                     except ValueError as e:
                         base[key] = {"error": str(e)}
-        path.write_text(json.dumps(res, indent=2) + "\n")
-    for item in args.student:
-        name, _, folder = item.partition("=")
-        st = ds.load(folder)
-        info = st.config["distillation"]
-        res.setdefault("students", {})[name] = {"folder": folder, "distillation": info,
-                                                "fd": score(samples(st, args.images, **info["sampler"]), metrics)}
         path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     return 0
