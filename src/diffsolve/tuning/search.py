@@ -26,6 +26,9 @@ What is searched, per NFE budget (``method``):
   refined by a pattern search, then the solver options are tried on it (v3: pseudo-order predictor and
   corrector on/off; UniPC: order 2/3), then an evolutionary search over the free time points
   (AutoDiffusion-style, the moves of ``schedules.evolve``) polishes it until the NFE's time share is spent.
+* the fitted solver (``tuning.fitted``): the two best finalists that are coefficient matrices (every deterministic
+  one-evaluation-per-step solver) are refitted by ridge least squares to the teacher's trajectory from the first
+  calibration noises (mu by 2-fold cross-validation) and compete with their out-of-fold errors.
 * screening and refining run on a subset of the calibration noise when the full set is too expensive; the
   final choice is made on the *whole* calibration set among the best few candidates, the library default
   (``dpm++2m``, log-SNR, denoise), the best named-spacing configuration and the best peer-equivalent, so the
