@@ -56,12 +56,12 @@ def references(den, n: int, nfes, solver, spacing, out: Path) -> Dict[int, torch
 
 
 def run_variant(name: str, den, metric, nfes, solver, spacing, out: Path, iters: int, n: int,
-                samples: int = 256) -> Dict[str, Any]:
+                samples: int = 256, calib_samples: int = 32) -> Dict[str, Any]:
     kw = dict(VARIANTS[name])
     t0, c0 = time.time(), time.process_time()
     if kw.get("rounding") == "learned":
         kw["rounding_options"] = {"iters": iters, "samples": samples}
-    q = quantize(den, calibration=Calibration(), **kw)
+    q = quantize(den, calibration=Calibration(samples=calib_samples), **kw)
     spent = {"quantize_wall_s": time.time() - t0, "quantize_cpu_s": time.process_time() - c0}
     refs = references(den, n, nfes, solver, spacing, out)
     rep = compare(name, q, den, refs, nfes, solver, spacing, metric, per_t=kw.get("backend", "fake") == "fake")
@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--spacing", default="logsnr")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding: steps per block")
     ap.add_argument("--rounding-samples", type=int, default=256, help="learned rounding: calibration inputs used")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration trajectories")
     ap.add_argument("--out", default="out/compression")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the JSONs in --out")
     args = ap.parse_args()
@@ -142,7 +143,7 @@ def main() -> int:
             res["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, shared"
         else:
             res = run_variant(name, den, metric, args.nfe, args.solver, args.spacing, out, args.iters, args.images,
-                              args.rounding_samples)
+                              args.rounding_samples, args.calib_samples)
         res["wall_s"] = time.time() - t0
         (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
         print(name, json.dumps({k: v for k, v in res.items() if k != "per_t"}), file=sys.stderr, flush=True)
