@@ -29,6 +29,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "w8-tensor": dict(weights="int8", granularity="tensor"),
     "w8a8": dict(weights="int8", activations="int8"),
     "w8a8-fp8": dict(weights="fp8_e4m3", activations="fp8_e4m3"),
+    "w8-a8fp8": dict(weights="int8", activations="fp8_e4m3"),
     "w8-e4m3": dict(weights="fp8_e4m3"),
     "w8-e5m2": dict(weights="fp8_e5m2"),
     "w4": dict(weights="int4"),
