@@ -150,3 +150,24 @@ def test_distill_command(teacher, tmp_path, capsys):
     assert main(["distill", "--teacher", str(ckpt), "--out", str(tmp_path / "x"), "--option", "bogus=1",
                  "--no-progress"]) == 2
     assert "error: unknown reflow option" in capsys.readouterr().err
+
+
+def test_reflow_mlp_student_on_an_exact_mixture_learns_the_ode_map(tmp_path):
+    from diffsolve.models.mlp import MLP, MLPConfig
+    ref = ds.GaussianMixture.random(4, n_components=2, seed=0)
+    proc = ds.VPDiscrete.linear(1000)
+    teacher = ref.denoiser(proc, "x0")
+    teacher.sample_shape = (4,)
+    torch.manual_seed(0)
+    student = MLP(MLPConfig(dim=4, hidden=64, layers=2))
+    path = distill(teacher, method="reflow", nfe=1, out_dir=str(tmp_path / "r"), steps=400, batch_size=128, lr=3e-3,
+                   checkpoint_every=0, progress=False, student=student, pairs=1024, chunk=1024, pair_solver="dpm++3m",
+                   pair_nfe=40, p_grid=1.0)
+    st = ds.load(path)
+    assert type(st.net).__name__ == "MLP" and st.config["distillation"]["nfe"] == 1
+    z = torch.randn(512, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # held-out noise
+    exact = ds.exact_targets(ref, proc, proc.prior_from_noise(z)).denoised
+    x1 = ds.sample(st, z, **st.config["distillation"]["sampler"])
+    x_ddim = ds.sample(teacher, z, "ddim", nfe=1)  # the teacher's own one-step jump: the posterior mean at x_T
+    err = float((x1 - exact).square().mean().sqrt())
+    assert err < 0.5 * float((x_ddim - exact).square().mean().sqrt()), err
