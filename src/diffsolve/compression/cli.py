@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .api import quantize
 from .formats import FORMATS
-from .quantize import BACKENDS, GRANULARITIES, Calibration, quantize
+from .quantize import BACKENDS, GRANULARITIES, Calibration
 
 
 def build_parser() -> argparse.ArgumentParser:

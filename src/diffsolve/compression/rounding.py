@@ -22,10 +22,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .quantize import CalibrationSet, QuantizedNet, QuantLayer
+from .quantize import GAMMA, ZETA, CalibrationSet, QuantizedNet, QuantLayer, rectified_sigmoid
 
 Tensor = torch.Tensor
-ZETA, GAMMA = 1.1, -0.1
 CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 
@@ -35,16 +34,6 @@ def _neighbours(layer: QuantLayer) -> Tuple[Tensor, Tensor]:
     u = (layer.w_float / layer.scale).clamp(float(g[0]), float(g[-1]))
     hi = torch.searchsorted(g, u.contiguous(), right=True).clamp(1, g.numel() - 1)
     return hi - 1, hi
-
-
-def _h(alpha: Tensor) -> Tensor:
-    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
-def soft_weight(layer: QuantLayer) -> Tensor:
-    g = layer.wfmt.grid
-    lo, hi = layer.lo_idx, layer.hi_idx
-    return layer.scale * (g[lo] + _h(layer.alpha) * (g[hi] - g[lo]))
 
 
 def search_scale(layer: QuantLayer, ratios: Tensor = torch.linspace(0.5, 1.0, 26)) -> None:
@@ -153,14 +142,14 @@ def learn_rounding(qnet: QuantizedNet, float_net: nn.Module, data: CalibrationSe
                 u = k / iters
                 if u >= warmup:
                     beta = 20 + (2 - 20) * (u - warmup) / (1 - warmup)
-                    r = sum(((1 - (2 * _h(m.alpha) - 1).abs().pow(beta)).sum()) for m in own)
+                    r = sum(((1 - (2 * rectified_sigmoid(m.alpha) - 1).abs().pow(beta)).sum()) for m in own)
                     loss = rec + reg * r / sum(m.alpha.numel() for m in own)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         for m in own:
             with torch.no_grad():
-                codes = torch.where(_h(m.alpha) >= 0.5, m.hi_idx, m.lo_idx)
+                codes = torch.where(rectified_sigmoid(m.alpha) >= 0.5, m.hi_idx, m.lo_idx)
             m.alpha = None
             del m.lo_idx, m.hi_idx
             m.set_codes(codes)

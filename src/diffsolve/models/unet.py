@@ -328,18 +328,6 @@ class UNet(nn.Module):
         return out[:, :, :h, :w] if (ph or pw) else out
 
 
-def build_model(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a network from its JSON architecture dict ({'type': 'UNet' | 'MLP', ...config fields})."""
-    arch = dict(arch)
-    kind = arch.pop("type", "UNet")
-    if kind == "MLP":
-        from .mlp import MLP, MLPConfig
-        return MLP(MLPConfig.from_dict(arch))
-    if kind != "UNet":
-        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet', 'MLP')")
-    return UNet(UNetConfig.from_dict(arch))
-
-
 def architecture(net: UNet) -> Dict[str, Any]:
     """The JSON architecture dict of a ``UNet`` (inverse of ``build_model``)."""
     return {"type": "UNet", **net.config.to_dict()}
