@@ -1,4 +1,6 @@
-"""Networks that diffsolve can train and ship (``diffsolve.training``, ``ds.load``)."""
+"""Networks that diffsolve can train and ship (``diffsolve.training``, ``ds.load``): the image ``UNet`` and the
+``MLP`` of low-dimensional toys."""
+from .mlp import MLP, MLPConfig
 from .unet import UNet, UNetConfig, architecture, build_model, count_parameters, timestep_embedding
 
-__all__ = ["UNet", "UNetConfig", "architecture", "build_model", "count_parameters", "timestep_embedding"]
+__all__ = ["MLP", "MLPConfig", "UNet", "UNetConfig", "architecture", "build_model", "count_parameters", "timestep_embedding"]

@@ -294,17 +294,21 @@ class UNet(nn.Module):
 
 
 def build_model(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a network from its JSON architecture dict ({'type': 'UNet', ...config fields})."""
+    """Build a network from its JSON architecture dict ({'type': 'UNet' | 'MLP', ...config fields})."""
+    from .mlp import MLP, MLPConfig
+
     arch = dict(arch)
     kind = arch.pop("type", "UNet")
+    if kind == "MLP":
+        return MLP(MLPConfig.from_dict(arch))
     if kind != "UNet":
-        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet')")
+        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet', 'MLP')")
     return UNet(UNetConfig.from_dict(arch))
 
 
-def architecture(net: UNet) -> Dict[str, Any]:
-    """The JSON architecture dict of a ``UNet`` (inverse of ``build_model``)."""
-    return {"type": "UNet", **net.config.to_dict()}
+def architecture(net: nn.Module) -> Dict[str, Any]:
+    """The JSON architecture dict of a ``UNet`` or ``MLP`` (inverse of ``build_model``)."""
+    return {"type": type(net).__name__, **net.config.to_dict()}  # type: ignore[operator]
 
 
 def count_parameters(net: nn.Module) -> int:
