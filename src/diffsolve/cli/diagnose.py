@@ -30,6 +30,7 @@ def _references() -> Dict[str, Any]:
     import diffsolve as ds
 
     out = {name: (text, make) for name, (text, make) in ds.reference.REFERENCES.items() if name != "gmm3072"}
+    out["gmm8"] = ("random low-rank mixture, 8 dims", lambda: ds.GaussianMixture.random(8, n_components=3, seed=1))
     out["molrg64"] = ("mixture of 4 rank-8 Gaussians in 64 dims with a small isotropic part (delta 1e-3)",
                       lambda: ds.GaussianMixture.random(64, n_components=4, rank=8, delta=1e-3, seed=3))
     return out
@@ -71,9 +72,15 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--subspace-points", type=int, default=4)
     s.add_argument("--gap-n", type=int, default=500, help="samples per side of the ODE-SDE gap (default: %(default)s)")
     s.add_argument("--gap-steps", type=int, default=200, help="steps of both runs (default: %(default)s)")
-    s.add_argument("--hal-n", type=int, default=2000, help="samples scored for hallucinations (default: %(default)s)")
+    s.add_argument("--hal-n", type=int, default=4000, help="samples for the hallucination scores, half to calibrate the "
+                                                           "threshold, half scored (default: %(default)s)")
     s.add_argument("--hal-nfe", type=int, default=1000, help="NFE of the hallucination runs (default: %(default)s)")
     s.add_argument("--hal-solver", default="ddpm", help="solver of the hallucination runs (default: %(default)s)")
+    s.add_argument("--hal-sigma-below", type=float, default=0.07, help="score the x0 predictions of the steps below "
+                                                                       "this noise level (default: %(default)s)")
+    s.add_argument("--hal-last-k", type=int, default=None, help="... only the last K of them (the paper: 10 of 1000)")
+    s.add_argument("--hal-quantile", type=float, default=0.95, help="keep the samples below this quantile of the "
+                                                                    "calibration half's scores (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="torch threads")
     s.add_argument("--out", default="out/diagnose", help="output folder (default: %(default)s)")
@@ -162,6 +169,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                          nb_scores=args.nb_scores, nb_points=args.nb_points, flow_jacobian=args.flow_jacobian,
                          sigmas=_floats(args.sigmas), subspace_points=args.subspace_points, gap_n=args.gap_n,
                          gap_steps=args.gap_steps, hal_n=args.hal_n, hal_nfe=args.hal_nfe, hal_solver=args.hal_solver,
+                         hal_sigma_below=args.hal_sigma_below, hal_last_k=args.hal_last_k,
+                         hal_quantile=args.hal_quantile,
                          modes=meta.pop("modes", None), mode_std=meta.pop("mode_std", None))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     report = diagnose(model, data, cfg, Path(args.out), labels=labels, exact=exact, progress=not args.quiet, log=log)

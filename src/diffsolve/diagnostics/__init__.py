@@ -16,6 +16,7 @@ from .gap import Gap, fokker_planck_residual, ode_sde_gap, two_sample
 from .hallucination import (
     HallucinationRun,
     PredictionVariance,
+    auroc,
     filter_report,
     hallucination_filter,
     hallucination_scores,
@@ -39,6 +40,6 @@ from .subspace import JacobianStructure, denoiser_jacobian, jacobian_structure, 
 __all__ = ["DiagnosticError", "Likelihood", "log_likelihood", "bits_per_dim", "offset_bits", "quantize", "dequantize",
            "DEQUANTIZATIONS", "flow", "LID", "flipd", "normal_bundle", "flow_jacobian", "Conservativity",
            "conservativity", "conservativity_by_t", "HallucinationRun", "PredictionVariance", "hallucination_scores",
-           "hallucination_filter", "hallucination_threshold", "mode_distance", "support_mask", "filter_report", "Gap",
+           "hallucination_filter", "hallucination_threshold", "mode_distance", "support_mask", "filter_report", "auroc", "Gap",
            "ode_sde_gap", "fokker_planck_residual", "two_sample", "JacobianStructure", "denoiser_jacobian",
            "jacobian_structure", "subspace_distance"]

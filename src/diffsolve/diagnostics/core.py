@@ -109,6 +109,10 @@ def ve_denoiser(model: Model, kwargs: Mapping[str, Any]) -> Callable[[Tensor, Te
             return model.evaluate(a * x, t, kwargs).x0
         except NonFiniteError as e:
             raise DiagnosticError(f"the model gave a non-finite prediction: {e}") from None
+        except RuntimeError as e:
+            if "grad" in str(e) or "derivative" in str(e):
+                raise
+            raise DiagnosticError(f"the model cannot evaluate inputs of shape {tuple(x.shape[1:])} ({e})") from None
 
     return fn
 

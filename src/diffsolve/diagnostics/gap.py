@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -114,10 +114,12 @@ class Gap:
 def ode_sde_gap(model: Model, n: int = 1000, steps: int = 200, sigmas: Sequence[float] = (1.0, 0.3, 0.1),
                 ode_solver: str = "dpm++2m", sde_solver: str = "ddpm", spacing: str = "logsnr", seed: int = 0,
                 permutations: int = 100, directions: int = 64, shape: Optional[Sequence[int]] = None,
-                model_kwargs: Optional[Dict[str, Any]] = None, progress: bool = False) -> Gap:
+                model_kwargs: Optional[Dict[str, Any]] = None, progress: bool = False,
+                features: Optional[Callable[[Tensor], Tensor]] = None) -> Gap:
     """Sample ``n`` points with ``ode_solver`` and ``n`` with ``sde_solver`` (independent noise) on one ``steps``-step
     grid of ``spacing``, and compare their states at the grid times nearest to the noise levels ``sigmas``
-    (sigma / alpha) and their final samples (``two_sample``).  Both runs cost ``steps`` NFE per sample."""
+    (sigma / alpha) and their final samples (``two_sample``; with ``features``, also the final samples' features,
+    e.g. a classifier's for images).  Both runs cost ``steps`` NFE per sample."""
     model = check_model(model)
     proc = model.process
     if not get_solver(sde_solver).stochastic:
@@ -151,6 +153,10 @@ def ode_sde_gap(model: Model, n: int = 1000, steps: int = 200, sigmas: Sequence[
         rows.append(row)
     rows.append({"sigma": 0.0, "t": None, "label": "final",
                  **two_sample(runs["ode"]["final"], runs["sde"]["final"], permutations, directions, seed)})
+    if features is not None:
+        fa, fb = (torch.as_tensor(features(runs[k]["final"])).double() for k in ("ode", "sde"))
+        rows.append({"sigma": 0.0, "t": None, "label": "final-features",
+                     **two_sample(fa, fb, permutations, directions, seed)})
     return Gap(rows=rows, info={"n": n, "steps": steps, "ode_solver": ode_solver, "sde_solver": sde_solver,
                                 "spacing": spacing, "nfe_per_sample": steps, "permutations": permutations})
 

@@ -5,7 +5,7 @@ end of its trajectory, so the variance of the predicted x0 over the last k steps
     Hal(x) = mean over dimensions of Var_{last k steps}[x0_hat],
 
 separates such samples from those that settled into a mode.  The paper records it during ancestral DDPM sampling
-(k = 10 of T = 1000 steps) and drops the highest-scoring samples.  Here it is an ``after_step`` hook
+(k = 10 of T = 1000 steps) and drops the highest-scoring samples (a fixed number of them in its code).  Here it is an ``after_step`` hook
 (``PredictionVariance``), so it runs on every solver; ``hallucination_scores`` samples and scores in one call and
 ``hallucination_filter`` keeps the samples below a threshold (given, a quantile, or the Otsu split of the log-scores).
 For point clouds with known modes, ``mode_distance`` says which samples left the support.
@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..adapters.denoiser import Model
+from ..processes import NoiseProcess
 from ..sampling import sample
 from ..solvers.drivers import Step
 from ..solvers.state import SolverState
@@ -28,25 +29,34 @@ Tensor = torch.Tensor
 
 
 class PredictionVariance:
-    """An ``after_step`` hook that keeps the x0 predictions of the last ``last_k`` steps (those that start at
-    t <= ``t_below`` when given) and scores their variance (``scores``).  Hooks that reorder the batch
-    (``state.reindex``) must not run in the same sampling call."""
+    """An ``after_step`` hook that keeps the x0 predictions of the last ``last_k`` steps (None: all) among those that
+    start at a noise level sigma / alpha <= ``sigma_below`` (None: every step; needs ``process``) and scores their
+    variance (``scores``).  Hooks that reorder the batch (``state.reindex``) must not run in the same call.
 
-    def __init__(self, last_k: int = 10, t_below: Optional[float] = None):
-        if not isinstance(last_k, int) or last_k < 2:
+    The paper's last 10 of 1000 DDPM steps with betas 0.001..0.2 start at sigma / alpha <= 0.14; on a grid dense
+    near t_min (log-SNR, or DDPM's betas 1e-4..0.02) the last 10 steps span far less noise, and a window in
+    sigma (``sigma_below``) is what carries over between grids."""
+
+    def __init__(self, last_k: Optional[int] = 10, sigma_below: Optional[float] = None,
+                 process: Optional[NoiseProcess] = None):
+        if last_k is not None and (not isinstance(last_k, int) or last_k < 2):
             raise DiagnosticError(f"last_k must be an integer >= 2 (a variance needs two predictions), got {last_k!r}")
-        self.last_k, self.t_below = last_k, t_below
+        if sigma_below is not None and process is None:
+            raise DiagnosticError("sigma_below needs the model's process")
+        self.last_k, self.sigma_below, self.process = last_k, sigma_below, process
         self.recent: deque = deque(maxlen=last_k)
 
     def __call__(self, state: SolverState, step: Step) -> None:
-        if self.t_below is None or step.t_from <= self.t_below:
-            self.recent.append(step.denoised.detach().clone())
+        if self.sigma_below is not None and self.process is not None:
+            if float(self.process.sigma_ve(torch.tensor(step.t_from, dtype=torch.float64))) > self.sigma_below:
+                return
+        self.recent.append(step.denoised.detach().clone())
 
     def scores(self) -> Tensor:
         """Hal per sample [B]: the unbiased variance over the recorded steps, averaged over dimensions."""
         if len(self.recent) < 2:
             raise DiagnosticError(f"only {len(self.recent)} step(s) were recorded; the score needs at least 2 (more "
-                                  "steps, a larger t_below or a smaller last_k)")
+                                  "steps, a larger sigma_below or a smaller last_k)")
         h = torch.stack(list(self.recent))
         return h.var(0, unbiased=True).flatten(1).mean(1)
 
@@ -61,16 +71,17 @@ class HallucinationRun:
     info: Dict[str, Any]
 
 
-def hallucination_scores(model: Model, noise: Optional[Tensor] = None, last_k: int = 10,
-                         t_below: Optional[float] = None, **sample_kwargs: Any) -> HallucinationRun:
+def hallucination_scores(model: Model, noise: Optional[Tensor] = None, last_k: Optional[int] = 10,
+                         sigma_below: Optional[float] = None, **sample_kwargs: Any) -> HallucinationRun:
     """Sample ``model`` (``ds.sample`` arguments: noise or seeds, solver, nfe, ...) while recording the x0
-    predictions; returns the samples with their hallucination scores."""
+    predictions of the last ``last_k`` steps below noise level ``sigma_below`` (``PredictionVariance``); returns
+    the samples with their hallucination scores."""
     model = check_model(model)
     if "after_step" in sample_kwargs:
         raise DiagnosticError("hallucination_scores installs its own after_step hook")
-    hook = PredictionVariance(last_k, t_below)
+    hook = PredictionVariance(last_k, sigma_below, model.process)
     out, si = sample(model, noise, after_step=hook, return_info=True, **sample_kwargs)
-    info = {"solver": si.solver, "nfe": si.nfe, "steps": si.steps, "last_k": last_k, "t_below": t_below}
+    info = {"solver": si.solver, "nfe": si.nfe, "steps": si.steps, "last_k": last_k, "sigma_below": sigma_below}
     return HallucinationRun(samples=out, scores=hook.scores(), steps_scored=len(hook.recent), info=info)
 
 
@@ -93,8 +104,9 @@ def otsu_threshold(values: Tensor, bins: int = 256) -> float:
     return float(lo + (i + 1) * (hi - lo) / bins)
 
 
-def hallucination_threshold(scores: Tensor, method: str = "otsu", quantile: float = 0.95) -> float:
-    """A threshold on the scores: 'otsu' (on log-scores, the split of the bimodal histogram) or 'quantile'."""
+def hallucination_threshold(scores: Tensor, method: str = "quantile", quantile: float = 0.95) -> float:
+    """A threshold on the scores: 'quantile' (drop the top 1 - ``quantile``, like the paper's code, which drops a
+    fixed number) or 'otsu' (the split of the log-scores' histogram; only when hallucinations are common)."""
     s = scores.double()
     if s.numel() < 2 or not torch.isfinite(s).all():
         raise DiagnosticError("scores must be at least two finite numbers")
@@ -104,15 +116,25 @@ def hallucination_threshold(scores: Tensor, method: str = "otsu", quantile: floa
         if not 0 < quantile < 1:
             raise DiagnosticError(f"quantile must lie in (0, 1), got {quantile}")
         return float(torch.quantile(s, quantile))
-    raise DiagnosticError(f"method must be 'otsu' or 'quantile', got {method!r}")
+    raise DiagnosticError(f"method must be 'quantile' or 'otsu', got {method!r}")
 
 
-def hallucination_filter(scores: Tensor, threshold: Optional[float] = None, method: str = "otsu",
+def hallucination_filter(scores: Tensor, threshold: Optional[float] = None, method: str = "quantile",
                          quantile: float = 0.95) -> Tuple[Tensor, float]:
     """(keep mask [B], the threshold): keep the samples whose score is at most ``threshold`` (default: from
-    ``hallucination_threshold(scores, method, quantile)``)."""
+    ``hallucination_threshold(scores, method, quantile)``; calibrate it on other samples of the same model and pass
+    it here to filter new ones)."""
     thr = hallucination_threshold(scores, method, quantile) if threshold is None else float(threshold)
     return scores <= thr, thr
+
+
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """Probability that a positive (e.g. out-of-support) sample scores higher than a negative one (ties count 1/2)."""
+    a, b = scores[positive.bool()].double(), scores[~positive.bool()].double()
+    if a.numel() == 0 or b.numel() == 0:
+        return float("nan")
+    ranks = torch.cat([a, b]).argsort().argsort().double() + 1  # no ties in continuous scores
+    return float((ranks[: a.numel()].sum() - a.numel() * (a.numel() + 1) / 2) / (a.numel() * b.numel()))
 
 
 def mode_distance(x: Tensor, modes: Tensor) -> Tensor:

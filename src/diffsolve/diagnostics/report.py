@@ -22,7 +22,14 @@ from ..util.jsonable import jsonable
 from .conservativity import conservativity_by_t
 from .core import DT, DiagnosticError, check_model, sigma_of
 from .gap import fokker_planck_residual, ode_sde_gap
-from .hallucination import filter_report, hallucination_filter, hallucination_scores, support_mask
+from .hallucination import (
+    auroc,
+    filter_report,
+    hallucination_filter,
+    hallucination_scores,
+    hallucination_threshold,
+    support_mask,
+)
 from .lid import flipd, flow_jacobian, normal_bundle
 from .likelihood import bits_per_dim, log_likelihood
 from .subspace import jacobian_structure
@@ -60,10 +67,12 @@ class DiagnoseConfig:
     gap_steps: int = 200
     gap_sde_solver: str = "ddpm"
     # hallucination
-    hal_n: int = 2000
+    hal_n: int = 4000                          # half calibrate the threshold, half are scored
     hal_solver: str = "ddpm"
     hal_nfe: int = 1000
-    hal_last_k: int = 10
+    hal_last_k: Optional[int] = None           # the variance over the last k steps (None: all in the window)
+    hal_sigma_below: Optional[float] = 0.07    # ... that start at sigma / alpha <= this
+    hal_quantile: float = 0.95                 # keep the samples below this quantile of the calibration scores
     modes: Optional[Tensor] = None             # known modes [K, *S] and their std: count out-of-support samples
     mode_std: Optional[float] = None
     support_k: float = 6.0
@@ -217,13 +226,16 @@ def _subspace(model, data, labels, c: DiagnoseConfig, exact, progress):
                 subspace_distance(sub, exact.bases[int(k)]) if sub.shape[1] <= exact.rank else 1.0
                 for sub, k in zip(r.subspaces, comp))
 
+    image = data.dim() == 4 and data.shape[1] == 1
+    cols = 3 if image else 2
+
     def plot(fig):
-        ax1 = fig.add_subplot(121)
+        ax1 = fig.add_subplot(1, cols, 1)
         ax1.plot([r.sigma for r in rows], [float(r.rank.double().mean()) for r in rows], marker="o")
         ax1.set_xscale("log")
         ax1.set_xlabel("sigma / alpha")
         ax1.set_ylabel("mean rank (singular values > 1/2)")
-        ax2 = fig.add_subplot(122)
+        ax2 = fig.add_subplot(1, cols, 2)
         for r in rows:
             sv = r.singular_values.mean(0).numpy()
             ax2.semilogy(np.arange(1, sv.size + 1), np.maximum(sv, 1e-8), label=f"sigma {r.sigma:.3g}")
@@ -231,6 +243,15 @@ def _subspace(model, data, labels, c: DiagnoseConfig, exact, progress):
         ax2.set_xlabel("index")
         ax2.set_ylabel("singular value of dD/dx")
         ax2.legend(fontsize=7)
+        if image:  # the principal directions of the first point, at the middle noise level
+            r = rows[len(rows) // 2]
+            h, w = data.shape[2], data.shape[3]
+            vecs = r.leading[0, :8].reshape(8, h, w).numpy()
+            tile = np.concatenate([v / (np.abs(v).max() + 1e-12) for v in vecs], axis=1)
+            ax3 = fig.add_subplot(1, cols, 3)
+            ax3.imshow(tile, cmap="RdBu_r", vmin=-1, vmax=1)
+            ax3.set_axis_off()
+            ax3.set_title(f"top 8 singular vectors, point 0, sigma {r.sigma:.3g}", fontsize=8)
         fig.suptitle("denoiser Jacobian: rank and spectrum by noise level")
 
     return sec, plot
@@ -251,14 +272,21 @@ def _fokker_planck(model, data, labels, c: DiagnoseConfig, exact, progress):
 
 
 def _gap(model, data, labels, c: DiagnoseConfig, exact, progress):
+    shape = tuple(getattr(model, "sample_shape", None) or (data.shape[1:] if data is not None else ()))
+    feats = None
+    if shape == (1, 28, 28):  # MNIST-shaped: also compare in the shipped LeNet's feature space
+        from ..evaluation.metrics import default_metric
+
+        lenet = default_metric()
+        feats = lambda x: torch.from_numpy(lenet.features(x.float())[0])  # noqa: E731
     g = ode_sde_gap(model, n=c.gap_n, steps=c.gap_steps, sigmas=_usable(model, c.sigmas), sde_solver=c.gap_sde_solver,
-                    seed=c.seed, progress=progress, shape=None if data is None else tuple(data.shape[1:]))
+                    seed=c.seed, progress=progress, shape=shape, features=feats)
 
     def plot(fig):
         ax = fig.add_subplot(111)
-        rows = g.rows
-        xs = [r["sigma"] if r["label"] != "final" else min(x["sigma"] for x in rows if x["label"] != "final") / 3
-              for r in rows]
+        rows = [r for r in g.rows if r["label"] != "final-features"]
+        lowest = min([r["sigma"] for r in rows if r["label"] != "final"] or [1.0])
+        xs = [r["sigma"] if r["label"] != "final" else lowest / 3 for r in rows]
         ax.errorbar(xs, [r["mmd2_null_mean"] for r in rows], yerr=[2 * r["mmd2_null_sd"] for r in rows], fmt="none",
                     color="0.6", label="permutation null (mean +- 2 sd)")
         ax.plot(xs, [r["mmd2"] for r in rows], "o", label="MMD^2 ODE vs SDE")
@@ -273,15 +301,21 @@ def _gap(model, data, labels, c: DiagnoseConfig, exact, progress):
 
 def _hallucination(model, data, labels, c: DiagnoseConfig, exact, progress):
     shape = tuple(getattr(model, "sample_shape", None) or (data.shape[1:] if data is not None else ()))
-    seeds = list(range(c.seed * 1_000_000, c.seed * 1_000_000 + c.hal_n))
-    run = hallucination_scores(model, seeds=seeds, shape=shape, solver=c.hal_solver, nfe=c.hal_nfe,
-                               last_k=c.hal_last_k, progress=progress)
-    keep, thr = hallucination_filter(run.scores)
-    sec: Dict[str, Any] = {**run.info, "samples": c.hal_n, "threshold_otsu": thr, "kept": float(keep.double().mean())}
+    base = c.seed * 1_000_000
+    runs = []
+    for part in range(2):  # calibrate the threshold on one half of the seeds, report on the other
+        seeds = list(range(base + part * c.hal_n, base + part * c.hal_n + c.hal_n // 2))
+        runs.append(hallucination_scores(model, seeds=seeds, shape=shape, solver=c.hal_solver, nfe=c.hal_nfe,
+                                         last_k=c.hal_last_k, sigma_below=c.hal_sigma_below, progress=progress))
+    cal, run = runs
+    keep, thr = hallucination_filter(run.scores, threshold=hallucination_threshold(cal.scores, "quantile",
+                                                                                   c.hal_quantile))
+    sec: Dict[str, Any] = {**run.info, "samples_calibration": c.hal_n // 2, "samples_test": c.hal_n // 2,
+                           "threshold": thr, "quantile": c.hal_quantile, "kept": float(keep.double().mean())}
     oos = None
     if c.modes is not None and c.mode_std is not None:
         oos = support_mask(run.samples, c.modes, c.mode_std, c.support_k)
-        sec.update({"support_k_std": c.support_k, **filter_report(oos, keep)})
+        sec.update({"support_k_std": c.support_k, "auroc": auroc(run.scores, oos), **filter_report(oos, keep)})
 
     def plot(fig):
         if run.samples[0].numel() == 2:
@@ -298,9 +332,10 @@ def _hallucination(model, data, labels, c: DiagnoseConfig, exact, progress):
         if oos is not None:
             ax2.hist(ls[~oos.numpy()], bins=40, alpha=0.6, label="in support")
             ax2.hist(ls[oos.numpy()], bins=40, alpha=0.6, label="out of support")
+            ax2.set_yscale("log")
         else:
             ax2.hist(ls, bins=40)
-        ax2.axvline(math.log10(thr), color="k", ls="--", label="Otsu threshold")
+        ax2.axvline(math.log10(thr), color="k", ls="--", label=f"threshold ({c.hal_quantile:g} quantile)")
         ax2.set_xlabel("log10 variance of x0 over the last steps")
         ax2.legend(fontsize=8)
 

@@ -55,8 +55,8 @@ def denoiser_jacobian(model: Model, x: Tensor, t: Optional[float] = None, sigma:
 
 @dataclass
 class JacobianStructure:
-    """At one noise level: per point the singular values [B, d], the rank (singular values > ``threshold``) and the
-    top-``rank`` right singular vectors (a list of [d, r_i])."""
+    """At one noise level: per point the singular values [B, d], the rank (singular values > ``threshold``), the
+    top-``rank`` right singular vectors (a list of [d, r_i]) and the 16 leading ones [B, 16, d] (for pictures)."""
 
     sigma: float
     t: float
@@ -64,6 +64,7 @@ class JacobianStructure:
     rank: Tensor
     subspaces: List[Tensor]
     threshold: float
+    leading: Tensor
 
     def summary(self) -> Dict[str, Any]:
         r = self.rank.double()
@@ -91,7 +92,8 @@ def jacobian_structure(model: Model, x0: Tensor, sigmas: Sequence[float], thresh
         _, sv, vh = torch.linalg.svd(jac)
         rank = (sv > threshold).sum(1)
         subs = [vh[i, : int(rank[i])].T for i in range(b)]
-        out.append(JacobianStructure(sigma=s, t=t, singular_values=sv, rank=rank, subspaces=subs, threshold=threshold))
+        out.append(JacobianStructure(sigma=s, t=t, singular_values=sv, rank=rank, subspaces=subs, threshold=threshold,
+                                     leading=vh[:, :16].clone()))
     return out
 
 
