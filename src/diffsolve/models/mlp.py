@@ -8,13 +8,13 @@ adds a projection of the sinusoidal time embedding (the 'temporal layers' of the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .unet import timestep_embedding
+from .unet import config_from_dict, timestep_embedding
 
 Tensor = torch.Tensor
 
@@ -50,11 +50,7 @@ class MLPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MLPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"type"})
-        if unknown:
-            raise ValueError(f"unknown MLP config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "MLP")
 
 
 class _Block(nn.Module):

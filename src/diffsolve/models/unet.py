@@ -103,11 +103,16 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"type"})
-        if unknown:
-            raise ValueError(f"unknown UNet config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "UNet")
+
+
+def config_from_dict(cls: Any, d: Mapping[str, Any], what: str) -> Any:
+    """``cls(**d)`` for a config dataclass, refusing unknown keys (the architecture's 'type' is allowed)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known - {"type"})
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(known)}")
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
