@@ -95,7 +95,8 @@ class _Recorder:
     """``after_step`` hook keeping the state after the steps in ``at`` (grid index -> label)."""
 
     def __init__(self, at: Dict[int, str]):
-        self.at, self.states = at, {}
+        self.at = at
+        self.states: Dict[str, Tensor] = {}
 
     def __call__(self, state: SolverState, step: Step) -> None:
         label = self.at.get(step.i + 1)
@@ -142,9 +143,9 @@ def ode_sde_gap(model: Model, n: int = 1000, steps: int = 200, sigmas: Sequence[
     for name, solver, base in (("ode", ode_solver, 0), ("sde", sde_solver, 1)):
         seeds = seeding.run_seeds(seed * 2 + base, n)
         rec = _Recorder(at)
-        kw = dict(seeds=seeds) if get_solver(solver).stochastic else {}
         out = sample(model, seeding.noise(seeds, shape), solver=solver, grid=grid, nfe=None, after_step=rec,
-                     model_kwargs=model_kwargs, progress=progress, **kw)
+                     model_kwargs=model_kwargs, progress=progress,
+                     seeds=seeds if get_solver(solver).stochastic else None)
         runs[name] = {**rec.states, "final": out}
     rows = []
     for i, label in sorted(at.items()):

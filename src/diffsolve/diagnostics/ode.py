@@ -36,7 +36,7 @@ class IntegrationError(RuntimeError):
     """The adaptive integrator did not reach the end within its step budget."""
 
 
-def _stages(f: Rhs, u: Tensor, h: Tensor, y: Tensor, k1: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
+def _stages(f: Rhs, u: Tensor, h: Tensor, y: Tensor, k1: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """One Dormand-Prince step from (u, y) with first stage k1: (5th-order y_new, error estimate, k7 = f(y_new))."""
     ks = [k1]
     hc = h[:, None]

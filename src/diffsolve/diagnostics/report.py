@@ -153,7 +153,8 @@ def _lid(model, data, labels, c: DiagnoseConfig, exact, progress):
     fl = flipd(model, data, sigma=c.lid_sigma, divergence=c.divergence, probes=max(c.probes, 2), seed=c.seed)
     m = data.shape[0] if c.nb_points is None else min(c.nb_points, data.shape[0])
     nb = normal_bundle(model, data[:m], sigma=c.nb_sigma, scores=c.nb_scores, seed=c.seed, progress=progress)
-    sec: Dict[str, Any] = {"flipd": {**fl.summary(), "stderr_mean": float(fl.stderr.mean())}, "normal_bundle": nb.summary()}
+    se = fl.stderr if fl.stderr is not None else torch.zeros(1)
+    sec: Dict[str, Any] = {"flipd": {**fl.summary(), "stderr_mean": float(se.mean())}, "normal_bundle": nb.summary()}
     if exact is not None and hasattr(exact, "rank"):
         sec["exact_rank"] = int(exact.rank)
         sec["normal_bundle"]["fraction_equal_rank"] = float((nb.lid == exact.rank).double().mean())

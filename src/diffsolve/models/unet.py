@@ -313,7 +313,8 @@ def build_model(arch: Mapping[str, Any]) -> nn.Module:
 
 def architecture(net: nn.Module) -> Dict[str, Any]:
     """The JSON architecture dict of a ``UNet`` or ``MLP`` (inverse of ``build_model``)."""
-    return {"type": type(net).__name__, **net.config.to_dict()}  # type: ignore[operator]
+    config: Any = net.config
+    return {"type": type(net).__name__, **config.to_dict()}
 
 
 def count_parameters(net: nn.Module) -> int:
