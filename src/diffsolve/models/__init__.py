@@ -1,6 +1,7 @@
 """Networks that diffsolve can train and ship (``diffsolve.training``, ``ds.load``): the image ``UNet`` and the
 ``MLP`` of low-dimensional toys."""
+from .build import architecture, build_model
 from .mlp import MLP, MLPConfig
-from .unet import UNet, UNetConfig, architecture, build_model, count_parameters, timestep_embedding
+from .unet import UNet, UNetConfig, count_parameters, timestep_embedding
 
 __all__ = ["MLP", "MLPConfig", "UNet", "UNetConfig", "architecture", "build_model", "count_parameters", "timestep_embedding"]

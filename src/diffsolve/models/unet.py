@@ -298,24 +298,5 @@ class UNet(nn.Module):
         return out[:, :, :h, :w] if (ph or pw) else out
 
 
-def build_model(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a network from its JSON architecture dict ({'type': 'UNet' | 'MLP', ...config fields})."""
-    from .mlp import MLP, MLPConfig
-
-    arch = dict(arch)
-    kind = arch.pop("type", "UNet")
-    if kind == "MLP":
-        return MLP(MLPConfig.from_dict(arch))
-    if kind != "UNet":
-        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet', 'MLP')")
-    return UNet(UNetConfig.from_dict(arch))
-
-
-def architecture(net: nn.Module) -> Dict[str, Any]:
-    """The JSON architecture dict of a ``UNet`` or ``MLP`` (inverse of ``build_model``)."""
-    config: Any = net.config
-    return {"type": type(net).__name__, **config.to_dict()}
-
-
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
