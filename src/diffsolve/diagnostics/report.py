@@ -247,14 +247,15 @@ def _subspace(model, data, labels, c: DiagnoseConfig, exact, progress):
         if image:  # the principal directions of the first point, at the middle noise level
             r = rows[len(rows) // 2]
             h, w = data.shape[2], data.shape[3]
-            vecs = r.leading[0, :8].reshape(8, h, w).numpy()
-            tile = np.concatenate([v / (np.abs(v).max() + 1e-12) for v in vecs], axis=1)
+            vecs = [v / (np.abs(v).max() + 1e-12) for v in r.leading[0, :8].reshape(8, h, w).numpy()]
+            tile = np.concatenate([np.concatenate(vecs[:4], axis=1), np.concatenate(vecs[4:], axis=1)], axis=0)
             ax3 = fig.add_subplot(1, cols, 3)
             ax3.imshow(tile, cmap="RdBu_r", vmin=-1, vmax=1)
             ax3.set_axis_off()
             ax3.set_title(f"top 8 singular vectors, point 0, sigma {r.sigma:.3g}", fontsize=8)
         fig.suptitle("denoiser Jacobian: rank and spectrum by noise level")
 
+    plot.wide = image  # type: ignore[attr-defined]
     return sec, plot
 
 
@@ -369,7 +370,7 @@ def _save_plot(plot: Callable[[Any], None], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(9, 4))
+    fig = plt.figure(figsize=(12 if getattr(plot, "wide", False) else 9, 4))
     plot(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
