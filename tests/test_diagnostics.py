@@ -65,8 +65,8 @@ def test_likelihood_on_a_discrete_schedule_is_the_density_at_its_smallest_noise_
     den = mix.denoiser(VP, "epsilon")
     s0 = float(VP.sigma_ve(torch.tensor(0.0, dtype=DT)))
     target = mix.log_prob_ve(x, s0)
-    ll = dg.log_likelihood(den, x, divergence="exact", rtol=1e-8, atol=1e-8, prior_log_prob=exact_prior(mix, VP))
-    assert float((ll.log_prob - target).abs().max()) / 8 < 1e-6
+    ll = dg.log_likelihood(den, x, divergence="exact", rtol=1e-7, atol=1e-7, prior_log_prob=exact_prior(mix, VP))
+    assert float((ll.log_prob - target).abs().max()) / 8 < 1e-5
     plain = dg.log_likelihood(den, x, divergence="exact", rtol=1e-6, atol=1e-6)
     assert float((plain.log_prob - target).abs().max()) / 8 < 1e-3
 
@@ -91,8 +91,8 @@ def test_fixed_steps_cost_the_same_for_every_sample_and_do_not_depend_on_the_bat
     assert fixed.nfe.tolist() == [6 * 12 + 1] * 3
     alone = dg.log_likelihood(den, x[1:2], divergence="hutchinson", probes=2, seeds=[8], steps=12)
     assert torch.allclose(alone.log_prob, fixed.log_prob[1:2], rtol=0, atol=1e-9)
-    adaptive = dg.log_likelihood(den, x, divergence="exact", rtol=1e-7, atol=1e-7)
-    close = dg.log_likelihood(den, x, divergence="exact", steps=40)
+    adaptive = dg.log_likelihood(den, x, divergence="exact", rtol=1e-6, atol=1e-6)
+    close = dg.log_likelihood(den, x, divergence="exact", steps=30)
     assert float((close.log_prob - adaptive.log_prob).abs().max()) / 8 < 1e-3
 
 
@@ -290,10 +290,10 @@ def test_prediction_variance_hook_runs_on_any_solver():
 
 def test_exact_denoiser_does_not_hallucinate():
     mix, modes, std = grid25()
-    run = dg.hallucination_scores(mix.denoiser(VP, "epsilon"), seeds=list(range(1000)), shape=(2,), solver="ddpm",
-                                  nfe=250)
+    run = dg.hallucination_scores(mix.denoiser(VP, "epsilon"), seeds=list(range(600)), shape=(2,), solver="ddpm",
+                                  nfe=200, last_k=None, sigma_below=0.07)
     oos = dg.support_mask(run.samples, modes, std)
-    assert float(oos.double().mean()) <= 0.002
+    assert int(oos.sum()) == 0
 
 
 def test_filter_report_counts():
