@@ -49,7 +49,7 @@ def test_dopri5_is_fifth_order_and_adaptive_meets_its_tolerance():
 @pytest.mark.parametrize("d", [8, 64])
 def test_likelihood_exact_divergence_matches_the_clean_mixture_density(d):
     mix = mixture(d)
-    x = mix.sample(3, torch.Generator().manual_seed(0))
+    x = mix.sample(2, torch.Generator().manual_seed(0))
     ll = dg.log_likelihood(mix.denoiser(FLOW, "velocity"), x, divergence="exact", rtol=1e-6, atol=1e-6)
     err = float((ll.log_prob - mix.log_prob(x)).abs().max()) / d
     assert err <= 1e-3, err
@@ -122,8 +122,8 @@ def test_bits_per_dim_is_the_same_in_either_data_range_and_matches_the_exact_den
     res = {}
     for name, mix, data, rng in (("pm1", m, x, (-1.0, 1.0)), ("01", m01, x01, (0.0, 1.0))):
         den = mix.denoiser(FLOW, "velocity")
-        r = dg.bits_per_dim(den, data, dequantization="uniform", data_range=rng, divergence="exact", rtol=1e-7,
-                            atol=1e-7, seed=3)
+        r = dg.bits_per_dim(den, data, dequantization="uniform", data_range=rng, divergence="exact", rtol=1e-6,
+                            atol=1e-6, seed=3)
         width = (rng[1] - rng[0]) / 256
         seeds = [3 * 7919 * 100_003 + i for i in range(3)]  # the seeds bits_per_dim gives sample i (repeat 0)
         xd, _ = dg.dequantize(dg.quantize(data, rng), "uniform", seeds, rng)
@@ -370,9 +370,9 @@ def test_diagnose_command_writes_a_report_with_the_exact_answers(tmp_path, capsy
     from diffsolve.cli import main
 
     out = tmp_path / "diag"
-    code = main(["diagnose", "--reference", "molrg64", "--n", "3", "--what",
+    code = main(["diagnose", "--reference", "molrg64", "--n", "2", "--what",
                  "likelihood,lid,conservativity,subspace,fokker_planck", "--nb-points", "2", "--subspace-points", "2",
-                 "--sigmas", "0.05,0.3", "--rtol", "1e-4", "--out", str(out), "--quiet"])
+                 "--sigmas", "0.3", "--rtol", "1e-4", "--out", str(out), "--quiet"])
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["likelihood"]["continuous"]["abs_error_nats_per_dim"] < 1e-3
