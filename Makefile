@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench clean
 CORE := src/diffsolve/processes src/diffsolve/adapters src/diffsolve/grids src/diffsolve/solvers \
 	src/diffsolve/sampling src/diffsolve/guidance src/diffsolve/reference src/diffsolve/evaluation \
-	src/diffsolve/inverse src/diffsolve/tuning/evolution.py src/diffsolve/training
+	src/diffsolve/inverse src/diffsolve/tuning/evolution.py src/diffsolve/training src/diffsolve/diagnostics
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

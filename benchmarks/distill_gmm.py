@@ -45,7 +45,7 @@ def main() -> int:
     teacher.sample_shape = (64,)
     teacher.config = {"process": proc.config(), "prediction": "x0", "dataset": "gmm64", "sample_shape": [64]}
     torch.manual_seed(0)
-    student = MLP(MLPConfig(dim=64, hidden=args.hidden, layers=3, time_scale=1.0))
+    student = MLP(MLPConfig(in_features=64, hidden=args.hidden, layers=3, time_scale=1.0))
     t0 = time.time()
     if args.eval_only:  # the latest checkpoint of a run that is still going (or was stopped)
         from safetensors.torch import load_file

@@ -159,7 +159,7 @@ def test_reflow_mlp_student_on_an_exact_mixture_learns_the_ode_map(tmp_path):
     teacher = ref.denoiser(proc, "x0")
     teacher.sample_shape = (4,)
     torch.manual_seed(0)
-    student = MLP(MLPConfig(dim=4, hidden=64, layers=2))
+    student = MLP(MLPConfig(in_features=4, hidden=64, layers=2))
     path = distill(teacher, method="reflow", nfe=1, out_dir=str(tmp_path / "r"), steps=400, batch_size=128, lr=3e-3,
                    checkpoint_every=0, progress=False, student=student, pairs=1024, chunk=1024, pair_solver="dpm++3m",
                    pair_nfe=40, p_grid=1.0)

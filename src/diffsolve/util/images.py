@@ -68,3 +68,25 @@ def save_labelled_grids(batches: Sequence[Tensor], labels: Sequence[str], path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def save_scatter(x: Tensor, data: Optional[Tensor], path: Union[str, os.PathLike]) -> Path:
+    """Write 2-D samples [B, 2] (red) over data points [N, 2] (grey) as a PNG scatter plot (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if data is not None:
+        d = data.detach().cpu().double().numpy()
+        ax.scatter(d[:, 0], d[:, 1], s=2, c="0.7", lw=0)
+    s = x.detach().cpu().double().numpy()
+    ax.scatter(s[:, 0], s[:, 1], s=4, c="C3", lw=0)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
