@@ -11,7 +11,9 @@ Capabilities, which solvers and samplers read instead of assuming them:
 * ``prior_from_noise(z)`` / ``prior(shape, generator)``: the distribution sampling starts from, as a map of
   standard normal noise (``prior_scale * z`` for the Gaussian processes), so a seed means the same start on
   every process.
-* ``gaussian``: whether the marginals given x0 are Gaussian (SDE solvers need it).
+* ``gaussian``: whether the marginals given x0 are Gaussian (SDE solvers need it); ``perturbation(z)`` maps
+  standard normal noise to the standardised perturbation of q(x_t | x0) (the identity for Gaussian processes,
+  PFGM++'s heavy-tailed kernel otherwise), so x_t = alpha x0 + sigma perturbation(z).
 * ``offset(t)``: the coefficient b(t) of a known per-sample conditioning ``y`` (0 unless the process is
   ``Shifted``); samplers then work in the standard frame x - b(t) y, where every solver applies unchanged.
 """
@@ -130,7 +132,7 @@ class NoiseProcess:
         shape = (-1,) + (1,) * (x0.dim() - 1) if t.dim() else ()
         a = self.alpha(t).reshape(shape) if t.dim() else self.alpha(t)
         s = self.sigma(t).reshape(shape) if t.dim() else self.sigma(t)
-        out = a.to(x0.dtype) * x0 + s.to(x0.dtype) * noise
+        out = a.to(x0.dtype) * x0 + s.to(x0.dtype) * self.perturbation(noise)
         if self.offset_key is not None:
             if y is None:
                 raise ValueError(f"{type(self).__name__} has an offset: pass its conditioning y")
@@ -148,13 +150,17 @@ class Shifted(NoiseProcess):
 
     ``offset(t)`` gives b(t) (float64 in and out); ``y`` travels with the batch as the model keyword
     ``key``.  Subtracting b(t) y gives ``base``'s process, so every solver, grid and adapter applies in that
-    frame; mean-reverting (IR-SDE) and residual processes are instances.
+    frame; mean-reverting (IR-SDE) and residual processes are instances (``processes.conditional``).
+
+    The prior: ``base``'s in the standard frame (x_T = b(t_max) y + base prior), or with ``prior_at_y`` centred
+    at y (x_T = y + base prior, as the IR-SDE, RDDM and ResShift samplers start).
     """
 
-    def __init__(self, base: NoiseProcess, offset, key: str = "y", name: str = "shifted"):
+    def __init__(self, base: NoiseProcess, offset, key: str = "y", name: str = "shifted", prior_at_y: bool = False):
         if not isinstance(base, NoiseProcess):
             raise TypeError(f"base must be a NoiseProcess, got {type(base).__name__}")
         self.base, self._offset, self.offset_key, self.name = base, offset, key, name
+        self.prior_at_y = bool(prior_at_y)
         self.t_min, self.t_max, self.prior_scale = base.t_min, base.t_max, base.prior_scale
         self.ode_variable, self.gaussian = base.ode_variable, base.gaussian
 
@@ -181,6 +187,9 @@ class Shifted(NoiseProcess):
 
     def offset(self, t):
         return torch.as_tensor(self._offset(as_t(t)), dtype=DT)
+
+    def perturbation(self, noise):
+        return self.base.perturbation(noise)
 
     def prior_from_noise(self, noise):
         return self.base.prior_from_noise(noise)

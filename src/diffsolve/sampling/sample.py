@@ -205,6 +205,8 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
     offset_y = _offset(proc, ev.kwargs, x)
     if offset_y is not None and not scale_noise:  # a given x_T: solve in the standard frame x - b(t) y
         x = x - _b(proc, tgrid.t[0]) * offset_y
+    elif offset_y is not None and getattr(proc, "prior_at_y", False):  # x_T = y + prior: its standard frame
+        x = x + (1 - _b(proc, tgrid.t[0])) * offset_y
     ev.begin(x, rng)
     mode = contextlib.nullcontext() if grad else torch.no_grad()
     try:
