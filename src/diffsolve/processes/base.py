@@ -196,3 +196,47 @@ class Shifted(NoiseProcess):
 
     def config(self):
         return {"type": "Shifted", "name": self.name, "key": self.offset_key, "base": self.base.config()}
+
+
+class Restricted(NoiseProcess):
+    """``base`` on the shorter range [t_min, ``t_max``] (with base's everything else), so that a spacing lays its grid
+    on part of the range (sampling after an analytic start)."""
+
+    def __init__(self, base: NoiseProcess, t_max: float):
+        if not base.t_min < t_max <= base.t_max:
+            raise ValueError(f"t_max must lie in ({base.t_min}, {base.t_max}], got {t_max}")
+        self.base, self.t_min, self.t_max = base, base.t_min, float(t_max)
+        self.prior_scale, self.ode_variable, self.gaussian = base.prior_scale, base.ode_variable, base.gaussian
+        self.offset_key = base.offset_key
+
+    def __getattr__(self, name):  # capabilities and attributes of the base (prior_scale, gaussian, D, ...)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def alpha(self, t):
+        return self.base.alpha(t)
+
+    def sigma(self, t):
+        return self.base.sigma(t)
+
+    def d_alpha(self, t):
+        return self.base.d_alpha(t)
+
+    def d_sigma(self, t):
+        return self.base.d_sigma(t)
+
+    def lam(self, t):
+        return self.base.lam(t)
+
+    def t_of_lam(self, lam):
+        return self.base.t_of_lam(lam)
+
+    def model_time(self, t):
+        return self.base.model_time(t)
+
+    def offset(self, t):
+        return self.base.offset(t)
+
+    def config(self):
+        return {"type": "Restricted", "t_max": self.t_max, "base": self.base.config()}

@@ -22,6 +22,7 @@ import torch
 
 from ..adapters.denoiser import Denoiser, outputs_from
 from ..processes import NoiseProcess
+from ..sampling.analytic import GaussianStart
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -260,20 +261,12 @@ class GaussianMixture(ClosedFormPrior):
 
     def gaussian_ode_solution(self, process: NoiseProcess, x_start: Tensor, t_start: float, t_end: float) -> Tensor:
         """Closed-form ODE solution for a single Gaussian (K = 1): along each principal direction
-        x~ - mu scales by sqrt((v + s_end^2) / (v + s_start^2)), v the data variance there."""
+        x~ - mu scales by sqrt((v + s_end^2) / (v + s_start^2)), v the data variance there (``GaussianStart``)."""
         if self.n_components != 1:
             raise ValueError("the closed-form ODE solution needs a single Gaussian (n_components=1)")
-        ts, te = torch.tensor(float(t_start), dtype=DT), torch.tensor(float(t_end), dtype=DT)
-        a_s, a_e = process.alpha(ts), process.alpha(te)
-        s_s2, s_e2 = process.sigma_ve(ts) ** 2, process.sigma_ve(te) ** 2
-        d2 = self.delta**2
-        r = self._flat(x_start) / a_s - self.means[0]
-        U, lam2 = self.bases[0], self.scales[0] ** 2
-        proj = r @ U
-        iso = torch.sqrt((d2 + s_e2) / (d2 + s_s2))
-        along = torch.sqrt((d2 + lam2 + s_e2) / (d2 + lam2 + s_s2))
-        y = self.means[0] + iso * (r - proj @ U.T) + (along * proj) @ U.T
-        return (a_e * y).reshape(x_start.shape)
+        g = GaussianStart(self.means[0].reshape(self.shape), self.bases[0], self.scales[0] ** 2 + self.delta**2,
+                          iso=self.delta**2)
+        return g.solve(process, x_start.to(DT), t_start, t_end)
 
 
 @dataclass
