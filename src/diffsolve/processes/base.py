@@ -116,6 +116,10 @@ class NoiseProcess:
         return torch.zeros_like(as_t(t))
 
     # -- the prior ----------------------------------------------------------------------
+    def perturbation(self, noise: Tensor) -> Tensor:
+        """Standard normal noise -> the perturbation of q(x_t | x0) at unit scale (identity: Gaussian)."""
+        return noise
+
     def prior_from_noise(self, noise: Tensor) -> Tensor:
         """The start of sampling (in the standard frame, x - b(t_max) y) as a map of standard normal noise."""
         return noise * self.prior_scale
