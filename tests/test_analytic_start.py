@@ -72,19 +72,25 @@ def test_explicit_grid_and_budget_runs_agree():
     assert torch.allclose(t, info.grid.t[:-1], rtol=1e-9)
 
 
-def test_the_tuner_chooses_the_switch_point():
-    """On Gaussian data the analytic jump is exact, so the tuner's best entry skips (and the entry needs the start)."""
+def test_the_tuner_scores_skip_candidates_with_its_start():
+    """ds.tune(start=...) adds candidates with the option 'skip' whose grids begin at the switch time; its runner runs
+    them with the analytic start (the same run as ds.sample(start=, skip=)), and a profile entry with 'skip' refuses to
+    sample without the start.  (That the tuner picks one when it is best is shown in docs/processes.md.)"""
+    from diffsolve.sampling.analytic import restricted
+    from diffsolve.tuning import budget
+
     den = GAUSS.denoiser(VP, "epsilon")
     st = exact_start(GAUSS)
-    prof = T.tune(den, [4], data=False, shape=(8,), calib_seeds=range(0, 48), eval_seeds=range(100, 116),
-                  time_budget_s=12, progress=False, start=st, solvers=["dpm++2m"], teacher=GAUSS)
-    e = prof.entry(4)
-    assert e.options.get("skip") in T.budget.SKIPS, (e.solver, e.options)
-    z = randn(4, 8, seed=4)
-    x, info = ds.sample(den, z, profile=prof, nfe=4, start=st, return_info=True)
-    assert info.nfe == 4 and skipped_fraction(VP, float(info.grid.t[0])) == pytest.approx(e.options["skip"])
+    z = randn(6, 8, seed=4)
+    c = budget._named(restricted(VP, st.switch_time(VP, 0.2)), "dpm++2m", 4, "quadratic", "denoise")
+    c = c.with_(options={"skip": 0.2})
+    out = budget._Runner(den, 64, {}, None, start=st).run(c, z, 4)
+    assert torch.equal(out, ds.sample(den, z, "dpm++2m", nfe=4, start=st, skip=0.2, spacing="quadratic"))
+    assert budget.SKIPS == (0.1, 0.2, 0.3) and set(budget.SKIP_SPACINGS) <= set(ds.grids.SPACINGS)
+    entry = T.profile.Entry(4, "dpm++2m", [float(v) for v in c.t], "denoise", {"skip": 0.2})
     with pytest.raises(ValueError, match="start="):
-        ds.sample(den, z, profile=prof, nfe=4)
+        ds.sample(den, z, "dpm++2m", grid=entry.grid(VP), **entry.options)
+    assert torch.equal(ds.sample(den, z, "dpm++2m", grid=entry.grid(VP), start=st, **entry.options), out)
 
 
 def test_bad_input():

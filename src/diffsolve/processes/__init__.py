@@ -62,6 +62,4 @@ PRESETS: Dict[str, Tuple[str, Callable[[], NoiseProcess]]] = {
     "ve": ("variance exploding, sigma in [0.01, 50]", lambda: VE()),
     "edm": ("EDM, sigma in [0.002, 80]", lambda: EDM()),
     "flow": ("rectified flow, x_t = (1 - t) x0 + t eps", lambda: RectifiedFlow()),
-    "pfgmpp-128": ("PFGM++ with D = 128 on EDM's sigma range (heavy-tailed kernel)", lambda: PFGMpp(128)),
-    "pfgmpp-2048": ("PFGM++ with D = 2048 on EDM's sigma range", lambda: PFGMpp(2048)),
 }

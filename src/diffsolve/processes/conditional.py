@@ -129,7 +129,7 @@ class MeanReverting(_Residual):
         dt = -math.log(eps) / cum[-1]
         a = np.exp(-cum * dt)
         c = max_sigma * np.sqrt(-np.expm1(-2 * cum * dt))
-        base = Tabulated(a, c, t_min, T, prior_scale=max_sigma, name="ir-sde")
+        base = Tabulated(torch.from_numpy(a), torch.from_numpy(c), t_min, T, prior_scale=max_sigma, name="ir-sde")
         super().__init__(base, key, "ir-sde")
         self.T, self.max_sigma, self.schedule, self.eps = T, float(max_sigma), schedule, float(eps)
 
@@ -179,8 +179,8 @@ class RDDM(_Residual):
                        beta_sum: float = 1.0, **kw) -> "RDDM":
         """RDDM's named schedules (``gen_coefficients``): alphabar = cumsum of 'alpha_schedule' summing to 1, betabar^2
         = cumsum of 'beta_schedule' summing to ``beta_sum`` (1 for generation, 0.01 for restoration)."""
-        p = cls(np.cumsum(rddm_coefficients(T, alpha_schedule)), np.cumsum(rddm_coefficients(T, beta_schedule,
-                                                                                           beta_sum)), **kw)
+        ab = torch.from_numpy(np.cumsum(rddm_coefficients(T, alpha_schedule)))
+        p = cls(ab, torch.from_numpy(np.cumsum(rddm_coefficients(T, beta_schedule, beta_sum))), **kw)
         p._named = {"T": int(T), "alpha_schedule": alpha_schedule, "beta_schedule": beta_schedule,
                     "beta_sum": float(beta_sum)}
         return p
@@ -223,7 +223,7 @@ class ResShift(_Residual):
         grow = math.exp(math.log(sqrt_eta_end / start) / (T - 1))
         sqrt_eta = start * grow ** (np.linspace(0, 1, T) ** power * (T - 1))
         eta = sqrt_eta**2
-        base = Tabulated(1 - eta, kappa * sqrt_eta, 0.0, T - 1, name="resshift")
+        base = Tabulated(torch.from_numpy(1 - eta), torch.from_numpy(kappa * sqrt_eta), 0.0, T - 1, name="resshift")
         super().__init__(base, key, "resshift")
         self.T, self.kappa, self.min_noise, self.sqrt_eta_end, self.power = T, float(kappa), float(min_noise), \
             float(sqrt_eta_end), float(power)
