@@ -67,6 +67,10 @@ def test_explicit_grid_and_budget_runs_agree():
     assert info.nfe == 8 and abs(skipped_fraction(VP, float(info.grid.t[0])) - 0.25) < 1e-9
     b = ds.sample(den, z, "unipc-bh2", grid=info.grid, start=st)
     assert torch.equal(a, b)
+    # the default rule's index spacing (a discrete process) is laid as the uniform spacing it rounds
+    c, rule = ds.sample(den, z, nfe=8, start=st, skip=0.25, return_info=True)
+    assert rule.nfe == 8 and torch.allclose(rule.grid.t[1:-1] - rule.grid.t[:-2],
+                                            (rule.grid.t[1] - rule.grid.t[0]).expand(rule.grid.t.numel() - 2))
     full = ds.make_grid(VP, 8, "logsnr")
     t = truncated_times(VP, full.t[:-1], st.switch_time(VP, 0.25))
     assert torch.allclose(t, info.grid.t[:-1], rtol=1e-9)

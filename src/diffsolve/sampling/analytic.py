@@ -10,7 +10,7 @@ jump (no network evaluation) and the solver's whole budget goes to the rest.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -111,3 +111,13 @@ def truncated_times(process: NoiseProcess, t: Tensor, t_switch: float) -> Tensor
 def restricted(process: NoiseProcess, t_switch: Optional[float]) -> NoiseProcess:
     """``process`` on [t_min, t_switch] (for laying a spacing there), or itself."""
     return process if t_switch is None or t_switch >= process.t_max else Restricted(process, t_switch)
+
+
+#: diffusers' index spacings round to the training timesteps 0..N-1; on part of the range they are laid as the
+#: uniform spacing they round
+INDEX_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spacing_after_start(spacing: Any) -> Any:
+    """The spacing to lay on [t_min, t_switch]: an index spacing becomes 'uniform' (it cannot be truncated)."""
+    return "uniform" if isinstance(spacing, str) and spacing in INDEX_SPACINGS else spacing

@@ -19,7 +19,7 @@ from ..solvers.drivers import Call, Evaluator, Step, drive
 from ..solvers.registry import Plan, SolverInfo
 from ..solvers.state import Noise, SamplingError, SolverState
 from ..util import seeding
-from .analytic import GaussianStart, restricted
+from .analytic import GaussianStart, restricted, spacing_after_start
 from .defaults import (
     LEGACY_FINAL,
     LEGACY_SOLVER,
@@ -76,6 +76,8 @@ def plan_run(info: SolverInfo, model: Model, nfe: Optional[int], spacing: Union[
     grid is given; laid on [t_min, ``t_start``] when given), or the given grid, whose cost must fit ``nfe`` when
     both are given."""
     proc = restricted(model.process, t_start)
+    if t_start is not None:
+        spacing = spacing_after_start(spacing)
     if grid is None:
         nfe = 10 if nfe is None else nfe
         clean = final == "denoise"
@@ -278,5 +280,5 @@ def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
     return y.to(x)
 
 
-def _b(proc, t: Tensor) -> float:
+def _b(proc, t: Union[float, Tensor]) -> float:
     return float(proc.offset(torch.as_tensor(float(t), dtype=torch.float64)))
