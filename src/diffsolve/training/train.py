@@ -191,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _noise_classifier(args)
     try:
         cfg = config_from_args(args)
+        make_process(cfg)  # a bad process or process kwargs (e.g. PFGM++'s D <= 0) is an error before training
     except (ValueError, OSError) as e:
         print(f"diffsolve train: error: {e}", file=sys.stderr)
         return 2
