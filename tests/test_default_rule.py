@@ -122,9 +122,12 @@ def test_every_parameterisation_samples_with_the_rule(name, pred):
     """A plain finite network (0.1 x) under every parameterisation: the rule's run is well defined and spends its
     budget (the mixture's exact networks do not take EDM's preconditioned inputs)."""
     proc = make_process(name)
+    kw = {}
+    if PARAMETERISATIONS[pred].needs_offset:  # the residual y - x0: on the process with an offset y
+        proc, kw = ds.Shifted(proc, lambda t: 0.5 * torch.ones_like(t)), {"y": noise(1)}
     den = ds.Denoiser(lambda x, t, **_: 0.1 * x, proc, pred, dtype=DT)
     for n in (2, 5, 13, 50):
-        x, info = ds.sample(den, noise(1), nfe=n, return_info=True)
+        x, info = ds.sample(den, noise(1), nfe=n, return_info=True, model_kwargs=kw)
         assert info.nfe == n and torch.isfinite(x).all()
 
 

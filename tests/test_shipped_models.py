@@ -24,6 +24,10 @@ def test_loads_and_samples_with_every_solver(name):
         opts = {}
         if info.name == "dpm-v3":
             continue  # needs model statistics (tests/test_dpm_v3.py covers it)
+        if any(not getattr(den.process, cap, False) for cap in info.needs):  # e.g. SDE solvers on PFGM++
+            with pytest.raises(ValueError, match="needs a process"):
+                ds.sample(den, _noise(den), solver, nfe=6, seeds=[0, 1])
+            continue
         nfe = max(6, info.steps_for_nfe(6, True)[1])
         x = ds.sample(den, _noise(den), solver, nfe=nfe, seeds=[0, 1] if info.stochastic else None, **opts, **kw)
         assert torch.isfinite(x).all(), f"{name} {solver}"

@@ -32,17 +32,21 @@ from .guidance import ClassifierFreeGuidance, ClassifierGuidance
 from .hub import load, save_model
 from .processes import (
     EDM,
+    RDDM,
     VE,
     AffineInterpolant,
+    MeanReverting,
     NoiseProcess,
+    PFGMpp,
     RectifiedFlow,
+    ResShift,
     Shifted,
     VPContinuous,
     VPDiscrete,
     process_from_config,
 )
 from .reference import GaussianMixture, exact_targets
-from .sampling import SampleInfo, SamplerSpec
+from .sampling import GaussianStart, SampleInfo, SamplerSpec
 from .sampling import sample as _sample
 from .solvers import SOLVERS, SamplingError, SolverInfo, SolverState, dpm_v3, get_solver, momentum, solvers
 
@@ -58,6 +62,7 @@ __all__ = [
     "SamplingError", "TimeGrid", "make_grid", "explicit", "grids", "load", "save_model", "dpm_v3", "momentum",
     "bench", "tune", "Profile", "compute_statistics",
 ]
+__all__ += ["GaussianStart", "PFGMpp", "MeanReverting", "RDDM", "ResShift"]
 
 
 @functools.wraps(_sample)

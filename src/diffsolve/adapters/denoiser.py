@@ -126,6 +126,9 @@ class Denoiser:
         param = get_parameterisation(prediction)
         if not isinstance(process, NoiseProcess):
             raise TypeError(f"process must be a diffsolve NoiseProcess, got {type(process).__name__}")
+        if param.needs_offset and process.offset_key is None:
+            raise ValueError(f"prediction {param.name!r} needs a process with an offset (x_t = a x0 + b y + c eps: "
+                             f"ds.Shifted, MeanReverting, RDDM, ResShift), not {process!r}")
         if not callable(net):
             raise TypeError(f"net must be callable as net(x, t, **kwargs), got {type(net).__name__}")
         self.net, self.process, self.param = net, process, param
@@ -173,14 +176,16 @@ class Denoiser:
         p = self.process
         a, s = coefficients(p, x, t, coeffs)
         x_net = x
+        y = None
         if p.offset_key is not None:
             y = kwargs.get(p.offset_key)
             if y is None:
                 raise ValueError(f"the process has an offset: pass its conditioning as model_kwargs[{p.offset_key!r}]")
+            y = y.to(x)
             b_t = p.offset(t)
             b: Any = float(b_t) if not t.dim() else b_t.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
-            x_net = x + b * y.to(x)
-        c = Coeffs(a, s, sigma_data=self.sigma_data)
+            x_net = x + b * y
+        c = Coeffs(a, s, sigma_data=self.sigma_data, y=y)
         if self.param.needs_rates:
             da: Any = p.d_alpha(t)
             ds_: Any = p.d_sigma(t)
@@ -310,12 +315,14 @@ def base_model(model: Model) -> Model:
 
 
 def outputs_from(x0: Tensor, eps: Tensor, process: NoiseProcess, t: Tensor, prediction: str,
-                 sigma_data: float = 0.5) -> Tensor:
-    """Inverse of the conversion: what a network of the given parameterisation would output."""
+                 sigma_data: float = 0.5, y: Optional[Tensor] = None) -> Tensor:
+    """Inverse of the conversion: what a network of the given parameterisation would output (``y``: the
+    conditioning of a process with an offset, for the residual prediction)."""
     param = get_parameterisation(prediction)
     t = torch.as_tensor(t, dtype=torch.float64)
     a, s = process.alpha(t).to(x0), process.sigma(t).to(x0)
-    c = Coeffs(a, s, process.d_alpha(t).to(x0), process.d_sigma(t).to(x0), sigma_data)
+    c = Coeffs(a, s, process.d_alpha(t).to(x0), process.d_sigma(t).to(x0), sigma_data,
+               y.to(x0) if y is not None else None)
     x = a * x0 + s * eps
     return param.from_x0_eps(x0, eps, x, c)
 

@@ -14,6 +14,8 @@ name           the network outputs                    to (x0, eps)
                flow matching)
 ``edm``        F with EDM preconditioning (Karras     x~ = x/alpha, s = sigma/alpha: x0 = c_skip x~ + c_out F,
                et al. 2022) in the VE view            network input c_in x~ at time c_noise = log(s) / 4
+``residual``   r = y - x0 (RDDM, Liu et al. 2023,     x0 = y - r with the conditioning y of a ``Shifted``
+               arXiv:2308.13712; ResShift)            process (a residual or mean-reverting one)
 =============  =====================================  =========================================================
 
 ``x0_gain`` is |d x0 / d output|, the factor by which an output error becomes an x0 error; training's EDM
@@ -30,13 +32,15 @@ Tensor = torch.Tensor
 
 
 class Coeffs(NamedTuple):
-    """alpha, sigma and their time derivatives at the evaluation time, and EDM's sigma_data."""
+    """alpha, sigma and their time derivatives at the evaluation time, EDM's sigma_data, and the conditioning y of
+    a process with an offset (the residual parameterisation reads it)."""
 
     alpha: Tensor
     sigma: Tensor
     d_alpha: Optional[Tensor] = None
     d_sigma: Optional[Tensor] = None
     sigma_data: float = 0.5
+    y: Optional[Tensor] = None
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> dict:
@@ -73,6 +77,8 @@ class Parameterisation:
     aliases: Tuple[str, ...] = ()
     #: diffusers' ``prediction_type`` for it, if diffusers has one
     diffusers: Optional[str] = None
+    #: needs the conditioning y of a process with an offset (``Coeffs.y``)
+    needs_offset: bool = False
 
 
 def _vel_det(c: Coeffs) -> Tensor:
@@ -91,6 +97,12 @@ def _edm_to_x0(out: Tensor, x: Tensor, c: Coeffs) -> Tuple[Tensor, Optional[Tens
 def _edm_from_x0(x0: Tensor, eps: Tensor, x: Tensor, c: Coeffs) -> Tensor:
     k = _edm(c)
     return (x0 - k["c_skip"] * (x / c.alpha)) / k["c_out"]
+
+
+def _offset_y(c: Coeffs) -> Tensor:
+    if c.y is None:
+        raise ValueError("the 'residual' prediction (y - x0) needs a process with an offset and its conditioning y")
+    return c.y
 
 
 PARAMETERISATIONS: Dict[str, Parameterisation] = {p.name: p for p in [
@@ -119,6 +131,9 @@ PARAMETERISATIONS: Dict[str, Parameterisation] = {p.name: p for p in [
     Parameterisation(
         "edm", _edm_to_x0, _edm_from_x0,
         lambda c: _edm(c)["c_out"], preconditioned=True),
+    Parameterisation(
+        "residual", lambda out, x, c: (_offset_y(c) - out, None), lambda x0, eps, x, c: _offset_y(c) - x0,
+        lambda c: torch.ones_like(torch.as_tensor(c.alpha)), aliases=("res", "pred_res"), needs_offset=True),
 ]}
 _ALIASES = {a: p.name for p in PARAMETERISATIONS.values() for a in p.aliases}
 PREDICTIONS = tuple(PARAMETERISATIONS)

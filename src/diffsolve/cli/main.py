@@ -27,7 +27,8 @@ from ..util.jsonable import jsonable
 from ..util.options import parse_options
 
 PROCESSES = PRESETS
-PREDICTIONS = tuple(p for p in PARAMETERISATIONS if not PARAMETERISATIONS[p].preconditioned)
+PREDICTIONS = tuple(p for p in PARAMETERISATIONS if not (PARAMETERISATIONS[p].preconditioned
+                                                          or PARAMETERISATIONS[p].needs_offset))
 DEMO_SOLVERS = ("ddim", "dpm++2m", "unipc-bh2", "dpm-solver-3m", "dpm++3m", "ipndm")
 #: the exact ODE reference is solved for at most this many numbers (samples x dims); more are subsampled
 EXACT_BUDGET = 16384

@@ -40,3 +40,16 @@ def load(path: PathLike, device: Optional[Union[str, torch.device]] = None,
     shape = cfg.get("sample_shape")
     kw.setdefault("sample_shape", tuple(int(s) for s in shape) if shape else None)
     return Denoiser(net, proc, prediction=cfg["prediction"], config=cfg, **kw)
+
+
+def load_noise_classifier(path: PathLike):
+    """The noise-level classifier (Denoising MCMC) stored in a checkpoint folder or next to a shipped model
+    (``load_noise_classifier("mnist")``): a ``models.NoiseLevelClassifier``."""
+    from ..models.noise_level import CONFIG as NL_CONFIG
+    from ..models.noise_level import NoiseLevelClassifier
+
+    p = resolve(path)
+    if not (p / NL_CONFIG).exists():
+        raise ValueError(f"{p}: no noise-level classifier there ({NL_CONFIG}); train one with "
+                         "diffsolve train --noise-classifier MODEL --out FOLDER")
+    return NoiseLevelClassifier.load(p)

@@ -1,23 +1,32 @@
 """Noise processes x_t = alpha(t) x0 + b(t) y + sigma(t) eps (see ``base`` for the contract).
 
 Discrete and continuous VP (``vp``), VE and EDM (``ve``), rectified flow and affine interpolants
-(``interpolants``), and ``Shifted`` for a known per-sample offset.  ``PRESETS`` are the named processes of
-the command line.
+(``interpolants``), PFGM++ (``pfgm``), ``Shifted`` for a known per-sample offset and the conditional affine
+processes built on it (``conditional``: IR-SDE mean reverting, RDDM, ResShift).  ``PRESETS`` are the named
+processes of the command line.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
 
 from .base import DT, NoiseProcess, Shifted, as_t
+from .conditional import RDDM, MeanReverting, ResShift, Tabulated
 from .interpolants import AffineInterpolant, RectifiedFlow
+from .pfgm import PFGMpp
 from .ve import EDM, VE
 from .vp import VPContinuous, VPDiscrete
 
 __all__ = ["NoiseProcess", "Shifted", "VPDiscrete", "VPContinuous", "VE", "EDM", "RectifiedFlow",
-           "AffineInterpolant", "PROCESSES", "PRESETS", "process_from_config", "as_t", "DT"]
+           "AffineInterpolant", "PFGMpp", "Tabulated", "MeanReverting", "RDDM", "ResShift", "PROCESSES",
+           "OTHER_PROCESSES", "PRESETS", "process_from_config", "as_t", "DT"]
 
+#: the processes with Gaussian marginals and no conditioning, by ``config()['type']``
 PROCESSES = {"VPDiscrete": VPDiscrete, "VPContinuous": VPContinuous, "VE": VE, "EDM": EDM,
              "RectifiedFlow": RectifiedFlow}
+#: the others, by ``config()['type']``: PFGM++'s heavy-tailed kernel and the conditional affine processes
+#: x_t = a x0 + b y + c eps (their standard frame ``Tabulated``)
+OTHER_PROCESSES = {"PFGMpp": PFGMpp, "Tabulated": Tabulated, "MeanReverting": MeanReverting, "RDDM": RDDM,
+                   "ResShift": ResShift}
 
 
 def process_from_config(cfg: dict) -> NoiseProcess:
@@ -36,9 +45,12 @@ def process_from_config(cfg: dict) -> NoiseProcess:
         return getattr(VPDiscrete, sched)(n, **cfg)
     if kind == "VPContinuous":
         return VPContinuous(**cfg)
-    if kind in PROCESSES:
-        return PROCESSES[kind](**cfg)
-    raise ValueError(f"unknown process type {kind!r}; known: {sorted(PROCESSES)}")
+    if kind == "RDDM" and "alpha_schedule" in cfg:
+        return RDDM.from_schedules(**cfg)
+    known = {**PROCESSES, **OTHER_PROCESSES}
+    if kind in known:
+        return known[kind](**cfg)
+    raise ValueError(f"unknown process type {kind!r}; known: {sorted(known)}")
 
 
 

@@ -11,7 +11,9 @@ Capabilities, which solvers and samplers read instead of assuming them:
 * ``prior_from_noise(z)`` / ``prior(shape, generator)``: the distribution sampling starts from, as a map of
   standard normal noise (``prior_scale * z`` for the Gaussian processes), so a seed means the same start on
   every process.
-* ``gaussian``: whether the marginals given x0 are Gaussian (SDE solvers need it).
+* ``gaussian``: whether the marginals given x0 are Gaussian (SDE solvers need it); ``perturbation(z)`` maps
+  standard normal noise to the standardised perturbation of q(x_t | x0) (the identity for Gaussian processes,
+  PFGM++'s heavy-tailed kernel otherwise), so x_t = alpha x0 + sigma perturbation(z).
 * ``offset(t)``: the coefficient b(t) of a known per-sample conditioning ``y`` (0 unless the process is
   ``Shifted``); samplers then work in the standard frame x - b(t) y, where every solver applies unchanged.
 """
@@ -114,6 +116,10 @@ class NoiseProcess:
         return torch.zeros_like(as_t(t))
 
     # -- the prior ----------------------------------------------------------------------
+    def perturbation(self, noise: Tensor) -> Tensor:
+        """Standard normal noise -> the perturbation of q(x_t | x0) at unit scale (identity: Gaussian)."""
+        return noise
+
     def prior_from_noise(self, noise: Tensor) -> Tensor:
         """The start of sampling (in the standard frame, x - b(t_max) y) as a map of standard normal noise."""
         return noise * self.prior_scale
@@ -130,7 +136,7 @@ class NoiseProcess:
         shape = (-1,) + (1,) * (x0.dim() - 1) if t.dim() else ()
         a = self.alpha(t).reshape(shape) if t.dim() else self.alpha(t)
         s = self.sigma(t).reshape(shape) if t.dim() else self.sigma(t)
-        out = a.to(x0.dtype) * x0 + s.to(x0.dtype) * noise
+        out = a.to(x0.dtype) * x0 + s.to(x0.dtype) * self.perturbation(noise)
         if self.offset_key is not None:
             if y is None:
                 raise ValueError(f"{type(self).__name__} has an offset: pass its conditioning y")
@@ -148,13 +154,17 @@ class Shifted(NoiseProcess):
 
     ``offset(t)`` gives b(t) (float64 in and out); ``y`` travels with the batch as the model keyword
     ``key``.  Subtracting b(t) y gives ``base``'s process, so every solver, grid and adapter applies in that
-    frame; mean-reverting (IR-SDE) and residual processes are instances.
+    frame; mean-reverting (IR-SDE) and residual processes are instances (``processes.conditional``).
+
+    The prior: ``base``'s in the standard frame (x_T = b(t_max) y + base prior), or with ``prior_at_y`` centred
+    at y (x_T = y + base prior, as the IR-SDE, RDDM and ResShift samplers start).
     """
 
-    def __init__(self, base: NoiseProcess, offset, key: str = "y", name: str = "shifted"):
+    def __init__(self, base: NoiseProcess, offset, key: str = "y", name: str = "shifted", prior_at_y: bool = False):
         if not isinstance(base, NoiseProcess):
             raise TypeError(f"base must be a NoiseProcess, got {type(base).__name__}")
         self.base, self._offset, self.offset_key, self.name = base, offset, key, name
+        self.prior_at_y = bool(prior_at_y)
         self.t_min, self.t_max, self.prior_scale = base.t_min, base.t_max, base.prior_scale
         self.ode_variable, self.gaussian = base.ode_variable, base.gaussian
 
@@ -182,8 +192,55 @@ class Shifted(NoiseProcess):
     def offset(self, t):
         return torch.as_tensor(self._offset(as_t(t)), dtype=DT)
 
+    def perturbation(self, noise):
+        return self.base.perturbation(noise)
+
     def prior_from_noise(self, noise):
         return self.base.prior_from_noise(noise)
 
     def config(self):
         return {"type": "Shifted", "name": self.name, "key": self.offset_key, "base": self.base.config()}
+
+
+class Restricted(NoiseProcess):
+    """``base`` on the shorter range [t_min, ``t_max``] (with base's everything else), so that a spacing lays its grid
+    on part of the range (sampling after an analytic start)."""
+
+    def __init__(self, base: NoiseProcess, t_max: float):
+        if not base.t_min < t_max <= base.t_max:
+            raise ValueError(f"t_max must lie in ({base.t_min}, {base.t_max}], got {t_max}")
+        self.base, self.t_min, self.t_max = base, base.t_min, float(t_max)
+        self.prior_scale, self.ode_variable, self.gaussian = base.prior_scale, base.ode_variable, base.gaussian
+        self.offset_key = base.offset_key
+
+    def __getattr__(self, name):  # capabilities and attributes of the base (prior_scale, gaussian, D, ...)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def alpha(self, t):
+        return self.base.alpha(t)
+
+    def sigma(self, t):
+        return self.base.sigma(t)
+
+    def d_alpha(self, t):
+        return self.base.d_alpha(t)
+
+    def d_sigma(self, t):
+        return self.base.d_sigma(t)
+
+    def lam(self, t):
+        return self.base.lam(t)
+
+    def t_of_lam(self, lam):
+        return self.base.t_of_lam(lam)
+
+    def model_time(self, t):
+        return self.base.model_time(t)
+
+    def offset(self, t):
+        return self.base.offset(t)
+
+    def config(self):
+        return {"type": "Restricted", "t_max": self.t_max, "base": self.base.config()}

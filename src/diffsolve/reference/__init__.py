@@ -1,9 +1,11 @@
 """Exact references: the Gaussian-mixture (MoLRG) model with closed-form posterior, log-density and
-probability-flow ODE, the named mixtures of the command line, and closed-form solver statistics."""
+probability-flow ODE, the point cloud (finite data, Gaussian or PFGM++ kernel), the named mixtures of the command
+line, and closed-form solver statistics."""
 from typing import Callable, Dict, Tuple
 
 from .dense import DenseGaussianMixture
 from .gmm import ClosedFormPrior, ExactTargets, GaussianMixture, exact_targets
+from .pointcloud import PointCloud
 from .statistics import gaussian_statistics
 
 #: the named exact references: name -> (description, constructor)
@@ -15,4 +17,4 @@ REFERENCES: Dict[str, Tuple[str, Callable[[], GaussianMixture]]] = {
               lambda: GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
 }
 
-__all__ = ["GaussianMixture", "DenseGaussianMixture", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]
+__all__ = ["GaussianMixture", "DenseGaussianMixture", "PointCloud", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]

@@ -22,6 +22,7 @@ import torch
 
 from ..adapters.denoiser import Denoiser, outputs_from
 from ..processes import NoiseProcess
+from ..sampling.analytic import GaussianStart
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -52,34 +53,64 @@ class ClosedFormPrior:
         """Exact log-density of clean data."""
         return self.log_prob_ve(x0, 0.0)
 
-    def posterior(self, x: Tensor, process: NoiseProcess, t: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
-        """Exact (x0, eps) predictions at x_t = alpha x0 + sigma eps."""
+    def check_process(self, process: NoiseProcess) -> None:
+        """A clear error when this reference has no closed form under ``process``'s kernel (default: Gaussian
+        kernels only; ``PointCloud`` also has PFGM++'s)."""
+        if not getattr(process, "gaussian", True):
+            raise ValueError(f"{type(self).__name__} is closed form under Gaussian kernels only, not under "
+                             f"{process!r} (for PFGM++ use reference.PointCloud.for_process)")
+
+    @staticmethod
+    def offset_term(process: NoiseProcess, t: Union[float, Tensor], y: Optional[Tensor], like: Tensor) -> Tensor:
+        """b(t) y for a process with an offset (``Shifted``; y is required there), else 0 (shaped like ``like``)."""
+        if process.offset_key is None:
+            return torch.zeros_like(like)
+        if y is None:
+            raise ValueError(f"the process {process!r} has an offset: pass its conditioning y")
+        t = torch.as_tensor(t, dtype=DT)
+        b = process.offset(t)
+        b = b.reshape((-1,) + (1,) * (like.dim() - 1)) if t.dim() else b
+        return b.to(like) * y.to(like)
+
+    def posterior(self, x: Tensor, process: NoiseProcess, t: Union[float, Tensor],
+                  y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Exact (x0, eps) predictions at x_t = alpha x0 + b(t) y + sigma eps (b = 0 unless the process is
+        ``Shifted``, whose conditioning ``y`` is then required)."""
+        self.check_process(process)
         t = torch.as_tensor(t, dtype=DT)
         shape = (-1,) + (1,) * (x.dim() - 1)
         a, s = process.alpha(t), process.sigma(t)
         if t.dim():
             a, s = a.reshape(shape), s.reshape(shape)
-        x = x.to(DT)
+        x = x.to(DT) - self.offset_term(process, t, y, x.to(DT))
         sv = (s / a).flatten() if t.dim() else s / a
         x0 = self.denoise_ve(x / a, sv)
         return x0, (x - a * x0) / s
 
-    def score(self, x: Tensor, process: NoiseProcess, t) -> Tensor:
-        x0, eps = self.posterior(x, process, t)
+    def score(self, x: Tensor, process: NoiseProcess, t, y: Optional[Tensor] = None) -> Tensor:
+        x0, eps = self.posterior(x, process, t, y)
         return -eps / process.sigma(torch.as_tensor(t, dtype=DT))
+
+    def noise_level_logits(self, x: Tensor, sigmas: Tensor, log_prior: Optional[Tensor] = None) -> Tensor:
+        """log p(sigma_k | x~) up to a constant [B, K] for VE-view states x~ and noise levels ``sigmas`` [K]:
+        log p_{sigma_k}(x~) + log prior_k (uniform prior by default); Denoising MCMC's exact sigma step."""
+        sig = torch.as_tensor(sigmas, dtype=DT).flatten()
+        out = torch.stack([self.log_prob_ve(x, float(s)) for s in sig], -1)
+        return out if log_prior is None else out + torch.as_tensor(log_prior, dtype=DT)[None]
 
     def network(self, process: NoiseProcess, prediction: str = "x0",
                 sigma_data: Optional[float] = None) -> Callable[[Tensor, Tensor], Tensor]:
         """A 'network' net(x, t) that outputs the exact ``prediction`` (t: process time, shape [B]).
 
         A preconditioned prediction ('edm') sees what an EDM network sees, as ``Denoiser`` feeds it: the input
-        c_in x~ and the time c_noise = log(sigma/alpha) / 4 (``sigma_data``: the process's, else 0.5)."""
+        c_in x~ and the time c_noise = log(sigma/alpha) / 4 (``sigma_data``: the process's, else 0.5).  For a
+        ``Shifted`` process the network reads its conditioning from the keyword ``process.offset_key``."""
         from ..adapters.parameterisation import edm_coefficients, get_parameterisation
 
         pre = get_parameterisation(prediction).preconditioned
         sd = float(sigma_data if sigma_data is not None else getattr(process, "sigma_data", 0.5))
 
-        def net(x: Tensor, t: Tensor, **_: object) -> Tensor:
+        def net(x: Tensor, t: Tensor, **kw: object) -> Tensor:
             t = torch.as_tensor(t, dtype=DT)
             shape = (-1,) + (1,) * (x.dim() - 1)
             xs = x.to(DT)
@@ -87,8 +118,10 @@ class ClosedFormPrior:
                 s_ve = torch.exp(4 * t)
                 t = process.t_of_sigma_ve(s_ve)
                 xs = xs / edm_coefficients(s_ve, sd)["c_in"].reshape(shape) * process.alpha(t).reshape(shape)
-            x0, eps = self.posterior(xs, process, t)
-            return outputs_from(x0, eps, process, t.reshape(shape), prediction, sigma_data=sd).to(x.dtype)
+            y = kw.get(process.offset_key) if process.offset_key is not None else None
+            x0, eps = self.posterior(xs, process, t, y)  # type: ignore[arg-type]
+            return outputs_from(x0, eps, process, t.reshape(shape), prediction, sigma_data=sd,
+                                y=y).to(x.dtype)  # type: ignore[arg-type]
 
         return net
 
@@ -116,19 +149,23 @@ class ClosedFormPrior:
         return torch.from_numpy(sol.y[:, -1].copy()).reshape(shape)
 
     def ode_solution(self, process: NoiseProcess, x_start: Tensor, t_start: float, t_end: float,
-                     rtol: float = 1e-10, check: bool = False):
+                     rtol: float = 1e-10, check: bool = False, y: Optional[Tensor] = None):
         """Exact x at ``t_end`` on the probability-flow ODE through x_start at ``t_start``.
 
-        With ``check=True`` also returns the max abs difference to a solve at rtol/2 (an error bar).
+        With ``check=True`` also returns the max abs difference to a solve at rtol/2 (an error bar).  For a
+        ``Shifted`` process (conditioning ``y``) the solve runs in the standard frame x - b(t) y and returns x.
         """
+        self.check_process(process)
         ts, te = torch.tensor(float(t_start), dtype=DT), torch.tensor(float(t_end), dtype=DT)
         a_s, a_e = float(process.alpha(ts)), float(process.alpha(te))
-        y = self.ode_solve_ve(x_start.to(DT) / a_s, float(process.sigma_ve(ts)), float(process.sigma_ve(te)), rtol)
-        out = y * a_e
+        z = (x_start.to(DT) - self.offset_term(process, ts, y, x_start.to(DT))) / a_s
+        s_s, s_e = float(process.sigma_ve(ts)), float(process.sigma_ve(te))
+        end = self.offset_term(process, te, y, z)
+        out = self.ode_solve_ve(z, s_s, s_e, rtol) * a_e + end
         if not check:
             return out
-        y2 = self.ode_solve_ve(x_start.to(DT) / a_s, float(process.sigma_ve(ts)), float(process.sigma_ve(te)), rtol / 2)
-        return out, float((y2 * a_e - out).abs().max())
+        out2 = self.ode_solve_ve(z, s_s, s_e, rtol / 2) * a_e + end
+        return out, float((out2 - out).abs().max())
 
 
 
@@ -224,20 +261,12 @@ class GaussianMixture(ClosedFormPrior):
 
     def gaussian_ode_solution(self, process: NoiseProcess, x_start: Tensor, t_start: float, t_end: float) -> Tensor:
         """Closed-form ODE solution for a single Gaussian (K = 1): along each principal direction
-        x~ - mu scales by sqrt((v + s_end^2) / (v + s_start^2)), v the data variance there."""
+        x~ - mu scales by sqrt((v + s_end^2) / (v + s_start^2)), v the data variance there (``GaussianStart``)."""
         if self.n_components != 1:
             raise ValueError("the closed-form ODE solution needs a single Gaussian (n_components=1)")
-        ts, te = torch.tensor(float(t_start), dtype=DT), torch.tensor(float(t_end), dtype=DT)
-        a_s, a_e = process.alpha(ts), process.alpha(te)
-        s_s2, s_e2 = process.sigma_ve(ts) ** 2, process.sigma_ve(te) ** 2
-        d2 = self.delta**2
-        r = self._flat(x_start) / a_s - self.means[0]
-        U, lam2 = self.bases[0], self.scales[0] ** 2
-        proj = r @ U
-        iso = torch.sqrt((d2 + s_e2) / (d2 + s_s2))
-        along = torch.sqrt((d2 + lam2 + s_e2) / (d2 + lam2 + s_s2))
-        y = self.means[0] + iso * (r - proj @ U.T) + (along * proj) @ U.T
-        return (a_e * y).reshape(x_start.shape)
+        g = GaussianStart(self.means[0].reshape(self.shape), self.bases[0], self.scales[0] ** 2 + self.delta**2,
+                          iso=self.delta**2)
+        return g.solve(process, x_start.to(DT), t_start, t_end)
 
 
 @dataclass
@@ -254,9 +283,11 @@ class ExactTargets:
 
 
 def exact_targets(ref: ClosedFormPrior, process: NoiseProcess, x_start: Tensor, t_start: Optional[float] = None,
-                  t_end: Optional[float] = None, rtol: float = 1e-10) -> ExactTargets:
+                  t_end: Optional[float] = None, rtol: float = 1e-10, y: Optional[Tensor] = None) -> ExactTargets:
+    """The exact ODE state at ``t_end`` (t_min) from ``x_start`` at ``t_start`` (t_max) and its posterior mean (for a
+    ``Shifted`` process, x_start and the state at t_end include the offset b(t) y)."""
     t_start = process.t_max if t_start is None else t_start
     t_end = process.t_min if t_end is None else t_end
-    x_end = ref.ode_solution(process, x_start, t_start, t_end, rtol)
-    x0, _ = ref.posterior(x_end, process, t_end)
+    x_end = ref.ode_solution(process, x_start, t_start, t_end, rtol, y=y)
+    x0, _ = ref.posterior(x_end, process, t_end, y)
     return ExactTargets(t_end, x_end, x0)

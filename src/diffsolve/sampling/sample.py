@@ -19,6 +19,7 @@ from ..solvers.drivers import Call, Evaluator, Step, drive
 from ..solvers.registry import Plan, SolverInfo
 from ..solvers.state import Noise, SamplingError, SolverState
 from ..util import seeding
+from .analytic import GaussianStart, restricted, spacing_after_start
 from .defaults import (
     LEGACY_FINAL,
     LEGACY_SOLVER,
@@ -69,10 +70,14 @@ def _check_noise(noise: Any) -> None:
 
 
 def plan_run(info: SolverInfo, model: Model, nfe: Optional[int], spacing: Union[str, Callable],
-             grid: Optional[Union[TimeGrid, Sequence[float], Tensor]], final: str) -> Tuple[TimeGrid, Plan]:
+             grid: Optional[Union[TimeGrid, Sequence[float], Tensor]], final: str,
+             t_start: Optional[float] = None) -> Tuple[TimeGrid, Plan]:
     """The grid and the plan of a run: the largest grid of ``spacing`` within ``nfe`` (10 when neither nfe nor
-    grid is given), or the given grid, whose cost must fit ``nfe`` when both are given."""
-    proc = model.process
+    grid is given; laid on [t_min, ``t_start``] when given), or the given grid, whose cost must fit ``nfe`` when
+    both are given."""
+    proc = restricted(model.process, t_start)
+    if t_start is not None:
+        spacing = spacing_after_start(spacing)
     if grid is None:
         nfe = 10 if nfe is None else nfe
         clean = final == "denoise"
@@ -82,6 +87,7 @@ def plan_run(info: SolverInfo, model: Model, nfe: Optional[int], spacing: Union[
         plan = info.plan_budget(nfe, clean)
         n_points = plan.steps if clean else plan.steps + 1
         return make_grid(proc, n_points, spacing, final), plan
+    proc = model.process
     tgrid = grid if isinstance(grid, TimeGrid) else explicit(proc, t=grid, final=final)  # type: ignore[arg-type]
     if tgrid.steps < 1:
         raise ValueError("an explicit grid needs at least two points (or one point and final='denoise')")
@@ -111,7 +117,7 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
            profile: Optional[SamplerSpec] = None, on_call: Optional[Callable[[Call], Any]] = None,
            after_step: Optional[Callable[[SolverState, Step], Optional[SolverState]]] = None, grad: bool = False,
            diffusion: Optional[Callable[[Tensor], Tensor]] = None, shape: Optional[Sequence[int]] = None,
-           **options: Any):
+           start: Optional[GaussianStart] = None, **options: Any):
     """Sample from a frozen model in at most ``nfe`` network evaluations.
 
     Args:
@@ -148,7 +154,11 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
         grad: build autograd graphs through the run (default: no graphs; gradient-based wrappers enable them
             locally either way).
         diffusion: g~(t)^2 of the reverse SDE for the SDE solvers that take one (default: the process's g(t)^2).
-        **options: solver options (e.g. ``order=3``, ``eta=0.5``, ``lower_order_final=False``).
+        start: an analytic start (``ds.GaussianStart``: the data's Gaussian, whose ODE is closed form): the run
+            jumps from t_max to the switch time without a network call and the solver starts there.  The switch
+            time is the option ``skip`` (the fraction of the log-SNR range to jump over, e.g. ``skip=0.25``), or
+            the first time of an explicit ``grid``.
+        **options: solver options (e.g. ``order=3``, ``eta=0.5``, ``lower_order_final=False``), and ``skip``.
     Returns:
         the sample (float64 on CPU/CUDA), or ``(sample, info)`` with ``return_info=True``.
     """
@@ -178,6 +188,7 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
         final = "denoise" if grid.clean_end else "t_min"
         spacing = LEGACY_SPACING  # unused: the profile's entry has its grid
     assert solver is not None and spacing is not None and final is not None
+    t_switch = _switch_time(model.process, start, options.pop("skip", None), grid)
     info = get_solver(solver)
     if final not in FINALS:
         raise ValueError(f"unknown final={final!r}; use one of {FINALS}")
@@ -185,7 +196,7 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
     info.check_process(proc)
     if diffusion is not None and info.name != "euler-maruyama":
         raise ValueError(f"diffusion= is taken by the SDE solver 'euler-maruyama', not by {info.name!r}")
-    tgrid, plan = plan_run(info, model, nfe, spacing, grid, final)
+    tgrid, plan = plan_run(info, model, nfe, spacing, grid, final, t_switch)
     opts = _solver_options(info, plan, options)
     if seeds is not None:
         if len(seeds) != noise.shape[0]:
@@ -203,8 +214,13 @@ def sample(model: Model, noise: Optional[Tensor] = None, solver: Optional[str] =
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {sd}")
     x = proc.prior_from_noise(noise.to(sd)) if scale_noise else noise.to(sd)
     offset_y = _offset(proc, ev.kwargs, x)
+    t_x = proc.t_max if start is not None else tgrid.t[0]  # where x is: an analytic start begins at t_max
     if offset_y is not None and not scale_noise:  # a given x_T: solve in the standard frame x - b(t) y
-        x = x - _b(proc, tgrid.t[0]) * offset_y
+        x = x - _b(proc, t_x) * offset_y
+    elif offset_y is not None and getattr(proc, "prior_at_y", False):  # x_T = y + prior: its standard frame
+        x = x + (1 - _b(proc, t_x)) * offset_y
+    if start is not None and float(tgrid.t[0]) < proc.t_max:  # the closed-form Gaussian ODE to the grid's start
+        x = start.solve(proc, x, proc.t_max, float(tgrid.t[0]))
     ev.begin(x, rng)
     mode = contextlib.nullcontext() if grad else torch.no_grad()
     try:
@@ -237,6 +253,23 @@ def _resolve_defaults(model: Model, nfe: Optional[int], grid: Any, solver: Optio
             LEGACY_FINAL if final is None else final, options)
 
 
+def _switch_time(proc, start: Optional[GaussianStart], skip: Optional[float], grid: Any) -> Optional[float]:
+    """Where the solver takes over from an analytic start: ``skip``'s switch time (a budget's grid is laid from
+    there), None for an explicit grid (its first time) or without a start."""
+    if start is None:
+        if skip is not None:
+            raise ValueError("skip= is the switch point of an analytic start: pass start=ds.GaussianStart(...) too")
+        return None
+    if not isinstance(start, GaussianStart):
+        raise TypeError(f"start must be a ds.GaussianStart, got {type(start).__name__}")
+    if grid is not None:
+        return None
+    if skip is None:
+        raise ValueError("an analytic start needs skip= (the fraction of the log-SNR range it jumps over, in [0, 1)) "
+                         "or an explicit grid that starts at the switch time")
+    return start.switch_time(proc, float(skip))
+
+
 def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
     if proc.offset_key is None:
         return None
@@ -247,5 +280,5 @@ def _offset(proc, kwargs: Dict[str, Any], x: Tensor) -> Optional[Tensor]:
     return y.to(x)
 
 
-def _b(proc, t: Tensor) -> float:
+def _b(proc, t: Union[float, Tensor]) -> float:
     return float(proc.offset(torch.as_tensor(float(t), dtype=torch.float64)))

@@ -81,20 +81,37 @@ def dpm_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order:
 
 
 def dpm_sde_multistep(ev: Evaluator, x: Tensor, grid: TimeGrid, noise: Noise, order: int = 2,
-                      lower_order_final: Optional[bool] = None):
-    """SDE-DPM-Solver++(2M): x_t = (s_t/s_s) e^{-h} x + a_t (1-e^{-2h}) (D0 + D1/2) + s_t sqrt(1-e^{-2h}) z."""
+                      lower_order_final: Optional[bool] = None, form: str = "data", taylor2: bool = False):
+    """SDE-DPM-Solver++(2M) (form='data') and SDE-DPM-Solver-2M (form='noise'), h = lambda_t - lambda_s:
+
+      data:  x_t = (s_t/s_s) e^{-h} x + a_t (1 - e^{-2h}) x0 + a_t c D1 + s_t sqrt(1 - e^{-2h}) z
+      noise: x_t = (a_t/a_s) x - 2 s_t (e^h - 1) eps - 2 s_t c D1 + s_t sqrt(e^{2h} - 1) z
+
+    with D1 = (m_s - m_prev) / r the first difference of the model output; c is the midpoint weight (half the
+    first-order weight) or, with ``taylor2``, the exact integral of the linear term (1 - (1 - e^{-2h})/(2h) for
+    data, (e^h - 1 - h)/h for noise), which the MR Sampler uses (arXiv:2502.07856).
+    """
+    fm = as_form(form)
 
     def update(x: Tensor, i: int, hist: List[Point], k: int) -> Tensor:
         a_t, s_t, lam_t = grid_point(grid, i + 1)
         p0 = hist[-1]
         h = lam_t - p0.lam
-        one_m = float(-torch.expm1(torch.tensor(-2.0 * h, dtype=torch.float64)))
-        out = (s_t / p0.sigma) * float(torch.exp(torch.tensor(-h, dtype=torch.float64))) * x + a_t * one_m * p0.x0
+        if fm == Form.DATA:
+            one_m = float(-np.expm1(-2.0 * h))
+            cx, c0, cz = (s_t / p0.sigma) * float(np.exp(-h)), a_t * one_m, s_t * one_m**0.5
+            c1 = a_t * ((1 - one_m / (2 * h)) if taylor2 else 0.5 * one_m)
+        else:
+            em = float(np.expm1(h))
+            cx, c0, cz = a_t / p0.alpha, -2 * s_t * em, s_t * float(np.expm1(2 * h)) ** 0.5
+            c1 = -2 * s_t * ((em - h) / h if taylor2 else 0.5 * em)
+        m0 = model_output(p0, fm)
+        pairs = [(cx, x), (c0, m0)]
         if k >= 2:
             p1 = hist[-2]
             r0 = (p0.lam - p1.lam) / h
-            out = out + 0.5 * a_t * one_m * (p0.x0 - p1.x0) / r0
-        return out + s_t * one_m**0.5 * ev.state.noise.like(x)
+            pairs += [(c1 / r0, m0), (-c1 / r0, model_output(p1, fm))]
+        return lincomb(pairs + [(cz, ev.state.noise.like(x))])
 
     return run_multistep(ev, x, grid, update, order, lower_order_final, history=2)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..grids import TimeGrid
-from . import adams, consistency, ddim, dpm_solver, dpm_v3, euler, fitted, momentum, unipc
+from . import adams, consistency, ddim, dpm_solver, dpm_v3, euler, fitted, interpolant_sde, momentum, unipc
 from .state import SamplingError
 
 __all__ = ["SolverInfo", "SOLVERS", "get_solver", "solvers", "SamplingError", "Plan"]
@@ -108,6 +108,7 @@ _DPMPP = "Lu et al. 2022, DPM-Solver++ (arXiv:2211.01095)"
 _UNIPC = "Zhao et al. 2023, UniPC (arXiv:2302.04867)"
 _V3 = "Zheng et al. 2023, DPM-Solver-v3 (arXiv:2310.13268)"
 _MOM = "Wizadwongsa et al. 2023, Diffusion Sampling with Momentum (arXiv:2307.11118)"
+_SI = "Albergo, Boffi & Vanden-Eijnden 2023, Stochastic Interpolants (arXiv:2303.08797)"
 
 _LIST: List[SolverInfo] = [
     SolverInfo("ddim", ddim.ddim, 1, "1 per step", "Song et al. 2021, DDIM (arXiv:2010.02502)", {"eta": 0.0}),
@@ -153,6 +154,11 @@ _LIST: List[SolverInfo] = [
                "Shaul et al. 2024, Bespoke Non-Stationary Solvers (arXiv:2403.01329); coefficients from ds.tune"),
     SolverInfo("consistency", consistency.consistency, 1, "1 per step (denoise, re-noise)",
                "Song et al. 2023, Consistency Models (arXiv:2303.01469)", stochastic=True, needs=("gaussian",)),
+    SolverInfo("interpolant-sde", interpolant_sde.interpolant_sde, 1, "1 per step (weak order 1)", _SI,
+               stochastic=True, needs=("gaussian",)),
+    SolverInfo("interpolant-sde-heun", interpolant_sde.interpolant_sde_heun, 2,
+               "2 per step, 1 for the jump to clean data (stochastic Heun)", _SI, stochastic=True, cost=_heun_cost,
+               needs=("gaussian",)),
 ]
 
 SOLVERS: Dict[str, SolverInfo] = {s.name: s for s in _LIST}

@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..adapters.parameterisation import PARAMETERISATIONS, Parameterisation, get_parameterisation
 
 #: parameterisations of the table that are not training objectives, and why
-_NOT_TRAINABLE = {"score": "its target -eps/sigma is unbounded as sigma -> 0"}
+_NOT_TRAINABLE = {"score": "its target -eps/sigma is unbounded as sigma -> 0",
+                  "residual": "it needs the conditioning y of a process with an offset, which training has not"}
 #: what a network can be trained to output: the table's names, in its order, less ``_NOT_TRAINABLE``
 OBJECTIVES: Tuple[str, ...] = tuple(name for name in PARAMETERISATIONS if name not in _NOT_TRAINABLE)
 

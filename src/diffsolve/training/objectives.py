@@ -73,8 +73,10 @@ def edm_loss_weight(param: Parameterisation, proc: NoiseProcess, t: Tensor, alph
 
 def training_pair(cfg: TrainConfig, proc: NoiseProcess, model_time: str, x0: Tensor, eps: Tensor,
                   t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(network input, network time, regression target, per-sample weight) for x0, noise eps at times t."""
+    """(network input, network time, regression target, per-sample weight) for x0, noise eps at times t (standard
+    normal; the process's ``perturbation`` maps it to its kernel's, e.g. PFGM++'s heavy-tailed one)."""
     param = cfg.parameterisation
+    eps = proc.perturbation(eps)
     dev, dt, nd = x0.device, x0.dtype, x0.dim()
     t4 = _bshape(t, nd)
     a64, s64 = proc.alpha(t4), proc.sigma(t4)

@@ -162,6 +162,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="resume: bare flag = latest checkpoint in --out, or a checkpoint/run folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--export-dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--noise-classifier", metavar="MODEL",
+                   help="instead of a UNet, train the noise-level classifier of Denoising MCMC on MODEL's data "
+                        "(a shipped name or checkpoint folder), over its process's noise levels")
+    p.add_argument("--levels", type=int, default=64, help="noise levels of --noise-classifier (default 64)")
     return p
 
 
@@ -194,14 +198,33 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``diffsolve train`` entry point; prints the final model folder."""
     args = build_parser().parse_args(argv)
+    if args.noise_classifier:
+        return _noise_classifier(args)
     try:
         cfg = config_from_args(args)
+        make_process(cfg)  # a bad process or process kwargs (e.g. PFGM++'s D <= 0) is an error before training
     except (ValueError, OSError) as e:
         print(f"diffsolve train: error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     path = train(cfg)
     print(f"model written to {path} ({time.time() - t0:.0f} s); load it with diffsolve.load({str(path)!r})")
+    return 0
+
+
+def _noise_classifier(args: argparse.Namespace) -> int:
+    from .noise_level import train_noise_classifier
+
+    kw = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "dataset", "checkpoint_every", "threads")
+          if getattr(args, k) is not None}
+    t0 = time.time()
+    try:
+        path = train_noise_classifier(args.noise_classifier, args.out_dir or "runs/noise_level", levels=args.levels,
+                                      resume=bool(args.resume), progress=args.progress is not False, **kw)
+    except (ValueError, OSError) as e:
+        print(f"diffsolve train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"noise-level classifier written to {path} ({time.time() - t0:.0f} s)")
     return 0
 
 

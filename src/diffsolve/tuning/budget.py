@@ -13,7 +13,8 @@ import torch
 from ..adapters.denoiser import Model as Denoiser
 from ..evaluation.teacher import Trajectory
 from ..grids import SPACINGS, explicit, from_unit, make_grid, validate_times
-from ..sampling import sample
+from ..sampling import GaussianStart, sample
+from ..sampling.analytic import restricted
 from ..solvers.dpm_v3_stats import Statistics
 from .evolution import evolve_points, free_points, grid_times
 from .fitted import MUS, fit_solver, linear_coefficients, linear_solver
@@ -24,6 +25,9 @@ Tensor = torch.Tensor
 #: candidates every budget screens even past its deadline (the default, then the peer-equivalents first): a budget
 #: whose share of the time was eaten by the earlier ones still compares the default with the peers' configurations
 MIN_SCREEN = 12
+#: the switch points (skipped fractions of the log-SNR range) tried with an analytic start (``tune(start=...)``)
+SKIPS = (0.1, 0.2, 0.3)
+SKIP_SPACINGS = ("logsnr", "quadratic")  # the grids laid after the jump
 NAMED_SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "five-step")
 
 
@@ -289,8 +293,10 @@ class _Runner:
     ``a * nfe + b * n * nfe`` (a: the solver's per-step set-up, e.g. DPM-Solver-v3's coefficients for a new grid;
     b: the network per sample), fitted to the runs so far."""
 
-    def __init__(self, den: Denoiser, batch: int, kwargs: Dict[str, Any], stats: Optional[Statistics]):
+    def __init__(self, den: Denoiser, batch: int, kwargs: Dict[str, Any], stats: Optional[Statistics],
+                 start: Optional[GaussianStart] = None):
         self.den, self.batch, self.kwargs, self.stats = den, batch, kwargs, stats
+        self.start = start  # an analytic start: candidates with the option 'skip' begin with it
         self.tau = None  # seconds per (sample x NFE) of the network, measured before the first run
         self.log: List[Tuple[int, int, float]] = []
         self.runs = 0
@@ -310,7 +316,7 @@ class _Runner:
         try:
             for i in range(0, noise.shape[0], self.batch):
                 outs.append(sample(self.den, noise[i:i + self.batch], c.solver, grid=grid, nfe=nfe,
-                                   model_kwargs=self.kwargs, **opts).to(DT))
+                                   model_kwargs=self.kwargs, start=self.start, **opts).to(DT))
         except (ValueError, RuntimeError):  # a grid or setting the solver cannot run (non-finite, ...)
             return None
         self.log = (self.log + [(nfe, noise.shape[0], time.perf_counter() - t0)])[-60:]
@@ -709,6 +715,12 @@ class BudgetSearch:
                     if self.stop():
                         break
                     S.score(c.with_(options=o, label=c.label + " " + ",".join(f"{k}={v}" for k, v in o.items())))
+                for skip in (SKIPS if self.runner.start is not None else ()):  # the analytic start's switch point
+                    part = restricted(self.proc, self.runner.start.switch_time(self.proc, skip))
+                    for sp in SKIP_SPACINGS:
+                        if not self.stop():
+                            n = _named(part, s, self.nfe, sp, c.final)
+                            S.score(n.with_(options={"skip": skip}, label=f"{s} {n.label} skip={skip}"))
         self.phases["options"] = S.evaluations - n1
 
     def polish(self) -> None:

@@ -53,6 +53,7 @@ from ..adapters import identity
 from ..adapters.denoiser import Model as Denoiser
 from ..evaluation.teacher import ModelTeacher, Teacher, TeacherSpec, Trajectory, make_teacher
 from ..reference import GaussianMixture
+from ..sampling import GaussianStart
 from ..solvers import get_solver
 from ..solvers.dpm_v3_stats import Statistics
 from ..util import seeding
@@ -110,7 +111,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
          solvers: Optional[Sequence[str]] = None, stats_K: Optional[int] = None,
          stats_n_lambda: Optional[int] = None, batch_size: Optional[int] = None,
          model_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0, progress: bool = True,
-         log: Optional[Callable[[str], None]] = None) -> Profile:
+         log: Optional[Callable[[str], None]] = None, start: Optional[GaussianStart] = None) -> Profile:
     """Tune a sampler of ``den`` for each NFE budget in ``nfes`` and return (and with ``out``, write) a Profile.
 
     Args:
@@ -139,6 +140,9 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
         stats_K / stats_n_lambda: v3 statistics size (default: by the time budget, K 128..1024).
         batch_size: network batch (default: the fastest per sample, measured).
         model_kwargs: fixed network keyword arguments (e.g. a class label for every sample).
+        start: an analytic Gaussian start (``ds.GaussianStart``): each budget also tries its best grids laid after
+            the start's jump over 10/20/30% of the log-SNR range (option ``skip``); a chosen entry needs the same
+            ``start=`` when it samples.
     """
     if method not in ("auto", "v3", "grids"):
         raise ValueError(f"unknown method {method!r}; use 'auto', 'v3' or 'grids'")
@@ -178,7 +182,7 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     cal, ev, traj = _targets(teach, eteach, cal_list, eval_list, shape, kwargs, batch, progress)
     t_teacher = time.perf_counter() - t0
     say(f"teacher targets for {len(cal)} calibration + {len(ev)} evaluation samples in {t_teacher:.1f} s")
-    runner = _Runner(den, batch, kwargs, stats)
+    runner = _Runner(den, batch, kwargs, stats, start)
     runner.tau = tau
     # 5. per-NFE search
     cand_solvers = (["dpm-v3"] if use_v3 else []) + generic
