@@ -4,6 +4,7 @@ from typing import Callable, Dict, Tuple
 
 from .dense import DenseGaussianMixture
 from .gmm import ClosedFormPrior, ExactTargets, GaussianMixture, exact_targets
+from .shared import SharedCovarianceMixture
 from .statistics import gaussian_statistics
 
 #: the named exact references: name -> (description, constructor)
@@ -15,4 +16,5 @@ REFERENCES: Dict[str, Tuple[str, Callable[[], GaussianMixture]]] = {
               lambda: GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
 }
 
-__all__ = ["GaussianMixture", "DenseGaussianMixture", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]
+__all__ = ["GaussianMixture", "DenseGaussianMixture", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES",
+           "SharedCovarianceMixture"]
