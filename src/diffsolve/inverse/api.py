@@ -33,6 +33,7 @@ from .methods.pigdm import PiGDM, PiGDMStep
 from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
+from .methods.tsmc import TSMC
 from .operators import Operator
 
 Tensor = torch.Tensor
@@ -82,6 +83,9 @@ METHODS: Dict[str, Method] = {
     "afdps": Method(AFDPS, lambda o: 0, {"gamma": 0.0, "eta": 1.0, "ess": 0.5, "oversample": 1},
                     "AFDPS: Feynman-Kac ensemble on p_t(x) exp(-mu_y(x)), exact Gaussian steps (Chen et al. 2025)",
                     loop=True, per_point=lambda o: int(o.get("oversample", 1))),
+    "tsmc": Method(TSMC, lambda o: 0, {"gamma": 2.0, "eta": 1.0, "ess": 0.5, "oversample": 1, "probes": 8},
+                   "TSMC: twisted SMC in A's SVD, the model's own covariance in the twist (ours)", loop=True,
+                   per_point=lambda o: int(o.get("oversample", 1))),
 }
 
 

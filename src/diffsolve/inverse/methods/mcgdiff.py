@@ -39,7 +39,7 @@ class MCGDiff(SpectralSMC):
             raise ValueError(f"mcgdiff: kappa must lie in (0, 1), got {kappa}")
         self.kappa, self.snap = float(kappa), bool(snap)
 
-    def adapt_grid(self, grid: TimeGrid) -> TimeGrid:
+    def adapt_grid(self, grid: TimeGrid, n: int) -> TimeGrid:
         if not self.snap:
             return grid
         return snap_grid(grid, self.model.process, (math.sqrt(1 - self.kappa) * self.rho2.sqrt()).tolist())

@@ -100,7 +100,7 @@ class SpectralSMC:
     name = "spectral-smc"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, eta: float = 1.0, ess: float = 0.5,
-                 oversample: int = 1, resampling: str = "systematic"):
+                 oversample: int = 1, resampling: str = "systematic", analytic: bool = False):
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
         if not 0 <= eta <= 1:
@@ -116,10 +116,13 @@ class SpectralSMC:
         self.y_bar = (self.y.reshape(-1) @ U) / s  # [r]
         self.rho2 = (self.sigma_y / s) ** 2  # [r]: the measurement noise of each observed coordinate
         self.eta, self.ess, self.oversample, self.resampling = float(eta), float(ess), int(oversample), resampling
+        self.analytic = bool(analytic)
         self.nfe = self.vjps = self.resamplings = 0
+        self.trace: List[Tuple[float, float]] = []  # (S_k, effective sample size before the step's resampling)
 
     # -- to be given by a method ------------------------------------------------------------------------------
-    def adapt_grid(self, grid: TimeGrid) -> TimeGrid:
+    def adapt_grid(self, grid: TimeGrid, n: int) -> TimeGrid:
+        """The grid the method runs on, for ``n`` output samples (the number of points must not grow)."""
         return grid
 
     def schedule(self, S: Tensor) -> Tuple[Tensor, Tensor]:
@@ -127,6 +130,15 @@ class SpectralSMC:
         observed coordinate (inf: no potential), and which of them are final (one per coordinate, with
         S_k^2 + w = rho^2)."""
         raise NotImplementedError
+
+    def denoised_twist(self, x0b: Tensor, k: int, S: Tensor) -> Optional[Tensor]:
+        """log G_k per particle from the x0 prediction's observed coordinates ``x0b`` [N, r] at grid point k, when
+        the method's twist uses the denoiser; then ``schedule`` gives the proposal's surrogate potentials only (no
+        final ones) and G_{K-1} is the measurement's likelihood.  None: the twist is the schedule's."""
+        return None
+
+    def prepare(self, x: Tensor, grid: TimeGrid) -> None:
+        """Called once with the start particles (a method may estimate what its twist needs)."""
 
     # -- the engine --------------------------------------------------------------------------------------------
     def _x0(self, xt: Tensor, grid: TimeGrid, k: int) -> Tensor:
@@ -140,12 +152,21 @@ class SpectralSMC:
         self.resamplings += 1
         return resample(logw, generator, n, self.resampling)
 
+    def _maybe_resample(self, logw: Tensor, S: float, generator: torch.Generator,
+                        *rows: Tensor) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        e = ess(logw)
+        self.trace.append((S, e))
+        if e >= self.ess * logw.numel():
+            return logw, rows
+        idx = self._resample(logw, generator)
+        return torch.zeros_like(logw), tuple(r[idx] for r in rows)
+
     def run(self, noise: Tensor, grid: TimeGrid, rng: Noise, generator: torch.Generator) -> Tensor:
         """n samples from standard normal ``noise`` [n, ...] on ``grid`` (ending at t_min, one evaluation per point;
         the result is the x0 prediction of the last point after the final resampling).  The particles share
         ``generator`` (they interact); ``rng`` is unused."""
         n = noise.shape[0]
-        grid = self.adapt_grid(grid)
+        grid = self.adapt_grid(grid, n)
         K = grid.t.numel()
         if grid.is_clean(K - 1) or K < 2:
             raise ValueError(f"{self.name} runs on a grid of >= 2 points that ends at t_min (final='t_min')")
@@ -166,19 +187,31 @@ class SpectralSMC:
             new = gain * yb[fin0] + (1 - gain).sqrt() * xb[:, fin0]
             x = x + (new - xb[:, fin0]) @ V[:, fin0].T
         logw = torch.zeros(N, dtype=DT)
+        self.prepare(x, grid)
         for k in range(K):
             x0 = self._x0(x, grid, k)
+            G = self.denoised_twist(x0 @ V, k, S)
+            St = float(S[k])
+            if G is not None:  # the weight of the move into k (of the start at k = 0): G_k / h_k at the new
+                logw = logw + G - _log_normal(x @ V, yb, w[k])  # particles; resampled on it
+                if k == K - 1:
+                    break
+                logw, (x, x0, G) = self._maybe_resample(logw, St, generator, x, x0, G)
             if k == K - 1:
                 break
-            St, Ss = float(S[k]), float(S[k + 1])
+            Ss = float(S[k + 1])
             v = self.eta**2 * Ss**2 * max(1.0 - (Ss / St) ** 2, 0.0)
-            m = x0 + math.sqrt(max(Ss**2 - v, 0.0)) * (x - x0) / St
+            c = math.sqrt(max(Ss**2 - v, 0.0)) / St
+            m = x0 + c * (x - x0)
+            if self.analytic:  # the kernel's variance with the x0 uncertainty: + (1 - c)^2 E Var[x0 | x_t]
+                eps2 = (((x - x0) / St) ** 2).mean(1)
+                r2 = St**2 * max(1.0 - float((torch.softmax(logw, 0) * eps2).sum()), 0.0)
+                v = v + (1 - c) ** 2 * r2
             mb, xb = m @ V, x @ V
             wn, wc = w[k + 1], torch.where(final[k], torch.full_like(w[k], math.inf), w[k])
-            logw = logw + _log_normal(mb, yb, v + wn) - _log_normal(xb, yb, wc)
-            if ess(logw) < self.ess * N:
-                idx = self._resample(logw, generator)
-                m, mb, logw = m[idx], mb[idx], torch.zeros(N, dtype=DT)
+            logw = logw + _log_normal(mb, yb, v + wn) - (_log_normal(xb, yb, wc) if G is None else G)
+            if G is None:  # fully adapted: the weight depends on x alone, resample before the move
+                logw, (m, mb) = self._maybe_resample(logw, St, generator, m, mb)
             z = torch.randn(m.shape, generator=generator, dtype=DT)
             x = m + math.sqrt(v) * z
             act = torch.isfinite(wn)
@@ -227,3 +260,18 @@ def snap_grid(grid: TimeGrid, process, targets: List[float]) -> TimeGrid:
     t = process.t_of_sigma_ve(S)
     t[0], t[-1] = grid.t[0], grid.t[-1]
     return TimeGrid.from_times(process, t, False)
+
+
+def thin_grid(grid: TimeGrid, process, drop: int) -> TimeGrid:
+    """``grid`` without ``drop`` of its interior points (evenly spread), for evaluations spent elsewhere."""
+    K = grid.t.numel()
+    if drop <= 0:
+        return grid
+    if K - drop < 2:
+        raise ValueError("the budget leaves fewer than 2 grid points")
+    out = torch.linspace(1, K - 2, drop + 2, dtype=DT)[1:-1].round().long().tolist() if K > 2 else []
+    keep = [i for i in range(K) if i not in set(out)]
+    while len(keep) > K - drop:  # rounding collisions
+        keep.pop(len(keep) // 2)
+    return TimeGrid.from_times(process, grid.t[keep], False)
+
