@@ -13,9 +13,11 @@ the exact Gaussian product of the prior's reverse kernel with it (what the drift
 weight the ratio of the two kernels' normalisers, whose continuous-time limit is the paper's rate.  The start is
 pi_T, Gaussian, drawn exactly; the twist at t_min is the likelihood of the remaining noise (rho^2 - S_min^2).
 
-``gamma`` > 0 (not in the paper) tempers the twist to N(x_bar_i; y_bar_i, rho_i^2 + gamma^2 S_t^2), the
-flat-prior prediction of the measurement from the noisy state when gamma = 1.  One network evaluation per particle
-and step, no VJP (the paper's point).
+``gamma`` tempers the twist to N(x_bar_i; y_bar_i, rho_i^2 + gamma^2 S_t^2), the flat-prior prediction of the
+measurement from the noisy state when gamma = 1 (the default); gamma = 0 is the paper's path, which conditions the
+noisy state on y as if it were clean: its weights degenerate (on the MCGdiff protocol, d = 80, d_y = 1: median
+SW 7.1 against 0.6 at gamma = 1, near the ignore-y baseline).  One network evaluation per particle and step, no VJP
+(the paper's point).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ Tensor = torch.Tensor
 class AFDPS(SpectralSMC):
     name = "afdps"
 
-    def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, gamma: float = 0.0, **smc):
+    def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, gamma: float = 1.0, **smc):
         super().__init__(model, op, y, sigma_y, **smc)
         if not gamma >= 0:
             raise ValueError(f"afdps: gamma must be >= 0, got {gamma}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ...adapters.denoiser import Model
@@ -100,7 +101,7 @@ class SpectralSMC:
     name = "spectral-smc"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, eta: float = 1.0, ess: float = 0.5,
-                 oversample: int = 1, resampling: str = "systematic", analytic: bool = False):
+                 oversample: int = 1, resampling: str = "systematic", analytic: bool = True, start: int = 0):
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
         if not 0 <= eta <= 1:
@@ -117,6 +118,9 @@ class SpectralSMC:
         self.rho2 = (self.sigma_y / s) ** 2  # [r]: the measurement noise of each observed coordinate
         self.eta, self.ess, self.oversample, self.resampling = float(eta), float(ess), int(oversample), resampling
         self.analytic = bool(analytic)
+        if int(start) < 0:
+            raise ValueError(f"{self.name}: start (quadrature nodes of the start's weight) must be >= 0, got {start}")
+        self.start = int(start)
         self.nfe = self.vjps = self.resamplings = 0
         self.trace: List[Tuple[float, float]] = []  # (S_k, effective sample size before the step's resampling)
 
@@ -139,6 +143,21 @@ class SpectralSMC:
 
     def prepare(self, x: Tensor, grid: TimeGrid) -> None:
         """Called once with the start particles (a method may estimate what its twist needs)."""
+
+    def overhead(self, n: int) -> int:
+        """Network evaluations per output sample spent outside the grid (the grid loses as many points)."""
+        return self.start * self.oversample
+
+    def _start_weight(self, x: Tensor, grid: TimeGrid) -> Tensor:
+        """log p_T(x~) - log q(x~) + const for the start q = N(0, I / alpha_T^2) (VE view): the model's score
+        difference (x0_hat(x~) - x~) / S^2 + alpha^2 x~ integrated along the ray u x~, u in [0, 1], by
+        ``start``-point Gauss-Legendre quadrature (one evaluation per node)."""
+        u, wq = np.polynomial.legendre.leggauss(self.start)
+        S0, a0 = float(grid.sigma[0] / grid.alpha[0]), float(grid.alpha[0])
+        acc = torch.zeros(x.shape[0], dtype=DT)
+        for node, weight in zip((u + 1) / 2, wq / 2):
+            acc = acc + float(weight) * (x * self._x0(float(node) * x, grid, 0)).sum(1)
+        return acc / S0**2 - 0.5 * (x * x).sum(1) * (1 / S0**2 - a0**2)
 
     # -- the engine --------------------------------------------------------------------------------------------
     def _x0(self, xt: Tensor, grid: TimeGrid, k: int) -> Tensor:
@@ -166,7 +185,7 @@ class SpectralSMC:
         the result is the x0 prediction of the last point after the final resampling).  The particles share
         ``generator`` (they interact); ``rng`` is unused."""
         n = noise.shape[0]
-        grid = self.adapt_grid(grid, n)
+        grid = thin_grid(self.adapt_grid(grid, n), self.model.process, math.ceil(self.overhead(n) / self.oversample))
         K = grid.t.numel()
         if grid.is_clean(K - 1) or K < 2:
             raise ValueError(f"{self.name} runs on a grid of >= 2 points that ends at t_min (final='t_min')")
@@ -186,7 +205,7 @@ class SpectralSMC:
             gain = S0**2 / (S0**2 + w0[fin0])
             new = gain * yb[fin0] + (1 - gain).sqrt() * xb[:, fin0]
             x = x + (new - xb[:, fin0]) @ V[:, fin0].T
-        logw = torch.zeros(N, dtype=DT)
+        logw = self._start_weight(x, grid) if self.start else torch.zeros(N, dtype=DT)
         self.prepare(x, grid)
         for k in range(K):
             x0 = self._x0(x, grid, k)

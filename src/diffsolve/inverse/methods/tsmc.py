@@ -33,7 +33,7 @@ import torch
 from ...adapters.denoiser import Model
 from ...grids import TimeGrid
 from ..operators import Operator
-from .smc import SpectralSMC, _log_normal, thin_grid
+from .smc import SpectralSMC, _log_normal
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -44,8 +44,8 @@ class TSMC(SpectralSMC):
     name = "tsmc"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, gamma: float = 2.0, probes: int = 8,
-                 analytic: bool = True, **smc):
-        super().__init__(model, op, y, sigma_y, analytic=analytic, **smc)
+                 **smc):
+        super().__init__(model, op, y, sigma_y, **smc)
         if not gamma > 0:
             raise ValueError(f"tsmc: gamma must be > 0, got {gamma}")
         if int(probes) < 1:
@@ -62,8 +62,8 @@ class TSMC(SpectralSMC):
         calls = 1 + (self.V.shape[1] if self.V.shape[1] <= FULL_RANK else 1)
         return math.ceil(calls * min(self.probes, n * self.oversample) / n)
 
-    def adapt_grid(self, grid: TimeGrid, n: int) -> TimeGrid:
-        return thin_grid(grid, self.model.process, math.ceil(self._probe_cost(n) / self.oversample))
+    def overhead(self, n: int) -> int:
+        return super().overhead(n) + self._probe_cost(n)
 
     def prepare(self, x: Tensor, grid: TimeGrid) -> None:
         """C = S_T^2 sym(V^T J V) at ``probes`` start particles (J = d x0_hat / d x~ by forward differences)."""
