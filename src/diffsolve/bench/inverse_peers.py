@@ -15,6 +15,7 @@ the exact Gaussian conditional it targets, the peer's best case).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -90,6 +91,13 @@ def azula_denoiser(model: Model, counter: Optional[Counter] = None):
 
 def _azula_run(name: str, model: Model, op: Operator, y: Tensor, sigma_y: float, x_T: Tensor, nfe: float,
                seed: int, opts: Dict[str, Any]) -> Tuple[Tensor, Counter]:
+    with warnings.catch_warnings():  # azula scripts helpers with torch.jit, which torch 2.13 deprecates
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        return _azula_sample(name, model, op, y, sigma_y, x_T, nfe, seed, opts)
+
+
+def _azula_sample(name: str, model: Model, op: Operator, y: Tensor, sigma_y: float, x_T: Tensor, nfe: float,
+                  seed: int, opts: Dict[str, Any]) -> Tuple[Tensor, Counter]:
     from azula.guidance import DiffPIRDenoiser, DPSSampler, MMPSDenoiser, PGDMSampler, TDSSampler, TMPDenoiser
     from azula.linalg.covariance import IsotropicCovariance
     from azula.sample import DDIMSampler
