@@ -135,8 +135,9 @@ class SpectralSMC:
         S_k^2 + w = rho^2)."""
         raise NotImplementedError
 
-    def denoised_twist(self, x0b: Tensor, k: int, S: Tensor) -> Optional[Tensor]:
-        """log G_k per particle from the x0 prediction's observed coordinates ``x0b`` [N, r] at grid point k, when
+    def denoised_twist(self, xb: Tensor, x0b: Tensor, logw: Tensor, k: int, S: Tensor) -> Optional[Tensor]:
+        """log G_k per particle from the observed coordinates of the state ``xb`` and of its x0 prediction ``x0b``
+        ([N, r]) at grid point k (``logw``: the particles' weights so far), when
         the method's twist uses the denoiser; then ``schedule`` gives the proposal's surrogate potentials only (no
         final ones) and G_{K-1} is the measurement's likelihood.  None: the twist is the schedule's."""
         return None
@@ -209,7 +210,7 @@ class SpectralSMC:
         self.prepare(x, grid)
         for k in range(K):
             x0 = self._x0(x, grid, k)
-            G = self.denoised_twist(x0 @ V, k, S)
+            G = self.denoised_twist(x @ V, x0 @ V, logw, k, S)
             St = float(S[k])
             if G is not None:  # the weight of the move into k (of the start at k = 0): G_k / h_k at the new
                 logw = logw + G - _log_normal(x @ V, yb, w[k])  # particles; resampled on it

@@ -44,8 +44,11 @@ class TSMC(SpectralSMC):
     name = "tsmc"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, gamma: float = 2.0, probes: int = 8,
-                 **smc):
+                 cov: str = "prior", **smc):
         super().__init__(model, op, y, sigma_y, **smc)
+        if cov not in ("prior", "ensemble"):
+            raise ValueError(f"tsmc: cov must be 'prior' or 'ensemble', got {cov!r}")
+        self.cov = cov
         if not gamma > 0:
             raise ValueError(f"tsmc: gamma must be > 0, got {gamma}")
         if int(probes) < 1:
@@ -63,10 +66,12 @@ class TSMC(SpectralSMC):
         return math.ceil(calls * min(self.probes, n * self.oversample) / n)
 
     def overhead(self, n: int) -> int:
-        return super().overhead(n) + self._probe_cost(n)
+        return super().overhead(n) + (self._probe_cost(n) if self.cov == "prior" else 0)
 
     def prepare(self, x: Tensor, grid: TimeGrid) -> None:
         """C = S_T^2 sym(V^T J V) at ``probes`` start particles (J = d x0_hat / d x~ by forward differences)."""
+        if self.cov != "prior":
+            return
         V, r = self.V, self.V.shape[1]
         xs = x[: self.probes]
         S0 = float(grid.sigma[0] / grid.alpha[0])
@@ -85,13 +90,20 @@ class TSMC(SpectralSMC):
         self.C_eig = (ev.clamp_min(1e-12), U)
         self.nfe = before + self._probe_cost(x.shape[0] // self.oversample)
 
-    def denoised_twist(self, x0b: Tensor, k: int, S: Tensor) -> Optional[Tensor]:
+    def denoised_twist(self, xb: Tensor, x0b: Tensor, logw: Tensor, k: int, S: Tensor) -> Optional[Tensor]:
         if k == S.numel() - 1:  # the likelihood of the returned samples
             return _log_normal(x0b, self.y_bar, self.rho2)
-        assert self.C_eig is not None
-        ev, U = self.C_eig
         S2 = float(S[k]) ** 2
-        cov = (U * (ev * S2 / (ev + S2))) @ U.T + torch.diag(self.rho2)
-        L = torch.linalg.cholesky(cov)
+        if self.cov == "ensemble":  # E Cov[x_bar0 | x_t] = S^2 (I - E eps_bar eps_bar^T), over the weighted particles
+            e = (xb - x0b) / math.sqrt(S2)
+            w = torch.softmax(logw, 0)
+            R = S2 * (torch.eye(e.shape[1], dtype=DT) - (e * w[:, None]).T @ e)
+            ev, U = torch.linalg.eigh(0.5 * (R + R.T))
+            R = (U * ev.clamp_min(0.0)) @ U.T
+        else:
+            assert self.C_eig is not None
+            ev, U = self.C_eig
+            R = (U * (ev * S2 / (ev + S2))) @ U.T
+        L = torch.linalg.cholesky(R + torch.diag(self.rho2))
         z = torch.linalg.solve_triangular(L, (x0b - self.y_bar).T, upper=False).T
         return -0.5 * (z * z).sum(1) - torch.log(torch.diagonal(L)).sum() - 0.5 * z.shape[1] * math.log(2 * math.pi)
