@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --no-deps "k-diffusion==0.1.1.post1" torchsde trampoline
 	# inverse-problem peer (tests/test_inverse_parity.py): azula without torchvision/gdown; it imports einops
 	$(PY) -m pip install -q -c constraints.txt --no-deps "azula==0.11.1" "einops==0.8.2"
+	# compression backends and LoRA (tests/test_compression.py): optimum-quanto, torchao, peft
+	$(PY) -m pip install -q -c constraints.txt -e ".[compression]"
 	touch $(STAMP)
 
 demo: $(STAMP)

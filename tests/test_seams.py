@@ -416,7 +416,7 @@ def test_sde_solvers_refuse_non_gaussian_processes():
     proc = NonGaussianVP(VP.alphas_cumprod)
     den = ds.Denoiser(MIX.network(VP, "epsilon"), proc, "epsilon", dtype=DT)
     z = randn(2, 8, seed=12)
-    assert STOCHASTIC == {"ddpm", "euler-maruyama", "dpm++2m-sde"}
+    assert STOCHASTIC == {"ddpm", "euler-maruyama", "dpm++2m-sde", "consistency"}
     for name in sorted(STOCHASTIC):
         assert "gaussian" in ds.get_solver(name).needs
         with pytest.raises(ValueError, match="gaussian"):

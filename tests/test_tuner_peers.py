@@ -75,6 +75,7 @@ def tune(nfes, peer_share, budget):
     den = MIX.denoiser(VP, "epsilon")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(B, "PEER_SHARE", peer_share)
+        mp.setattr(B, "MIN_SCREEN", 10**6)  # every candidate (pre-)screened, however loaded the machine is
         prof = T.tune(den, nfes, method="grids", data=False, shape=(8,), calib_seeds=range(500, 564), eval_seeds=32,
                       time_budget_s=budget, progress=False)
     return den, prof

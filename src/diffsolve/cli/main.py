@@ -6,7 +6,6 @@ each sample can be scored against the exact probability-flow ODE solution from t
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from ..processes import PRESETS
 from ..reference import REFERENCES, ExactTargets
 from ..util import seeding
 from ..util.jsonable import jsonable
+from ..util.options import parse_options
 
 PROCESSES = PRESETS
 PREDICTIONS = tuple(p for p in PARAMETERISATIONS if not PARAMETERISATIONS[p].preconditioned)
@@ -51,16 +51,10 @@ def _write_json(path: Path, obj: Dict[str, Any]) -> None:
 
 def _parse_options(items: Sequence[str]) -> Dict[str, Any]:
     """``["order=3", "eta=0.5", "variant=bh1"]`` -> solver options (Python literals, else strings)."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CLIError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw
-    return out
+    try:
+        return parse_options(items)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _noise_and_seeds(n: int, shape: Sequence[int], seed: int):
@@ -830,7 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
 # commands whose own parsers live next to the code they drive
 DELEGATED = {"train": ("diffsolve.training.train", "train a UNet (python -m diffsolve.training --help)"),
              "bench": ("diffsolve.bench.api", "benchmark our solvers against diffusers and k-diffusion"),
-             "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile")}
+             "tune": ("diffsolve.tuning", "fit solver, grid and statistics to a model; write a profile"),
+             "quantize": ("diffsolve.compression.cli", "quantise a model (timestep-aware); packed file and --report"),
+             "distill": ("diffsolve.distillation.cli", "distil a few-step student (reflow, mmd, consistency)")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -190,6 +190,12 @@ def default_metric() -> FDLeNet:
     return FDLeNet.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mnist"))
 
 
+def judge_metric() -> FDLeNet:
+    """A second FD-LeNet, trained independently of ``default_metric`` (seed 1), shipped to score models that were
+    trained against the first one's features (MMD fine-tuning): the feature net used in training must not judge."""
+    return FDLeNet.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mnist_judge"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Fit and save the MNIST FD-LeNet: ``python -m diffsolve.metrics --out src/diffsolve/assets/mnist``."""
     import argparse

@@ -15,13 +15,14 @@ The tuner (calibration and evaluation targets), the bench (scoring every run), t
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..adapters.denoiser import Model
-from ..grids import explicit
+from ..grids import explicit, make_grid
 from ..processes import NoiseProcess
 from ..reference import ExactTargets, GaussianMixture, exact_targets
 from ..sampling import sample
@@ -30,6 +31,57 @@ from ..solvers import get_solver
 Tensor = torch.Tensor
 DT = torch.float64
 Progress = Optional[Callable[[int], None]]
+
+
+class Trajectory:
+    """The teacher's ODE solutions from fixed noise: ``at(times)`` gives the states at decreasing process times."""
+
+    def __init__(self, noise: Tensor, read: Callable[[Sequence[float]], List[Tensor]]):
+        self.noise, self._read = noise, read
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def at(self, times: Sequence[float]) -> List[Tensor]:
+        return self._read(times)
+
+
+class DenseTrajectory(Trajectory):
+    """A recorded high-NFE solution: states x_j and x0 predictions D_j at the teacher's points (lambda_j), read at
+    any time between two points by the exponential integrator with D linear in lambda between D_j and D_{j+1},
+
+        x_t = (sigma_t/sigma_j) x_j + alpha_t [(1 - e^{-h}) D_j + (h - 1 + e^{-h}) (D_{j+1} - D_j) / H],
+
+    h = lambda_t - lambda_j, H = lambda_{j+1} - lambda_j (local error O(H^3), the order of a second-order step;
+    at a recorded point the recorded state).  States are kept in float32, the last one in float64."""
+
+    def __init__(self, noise: Tensor, process, t: Tensor, xs: Tensor, ds: Tensor, last: Tensor):
+        super().__init__(noise, self._interpolate)
+        self.process, self.t, self.xs, self.ds, self.last = process, t.to(DT), xs, ds, last
+        self.lam = process.lam(self.t)
+
+    def targets(self) -> ExactTargets:
+        """The run's end: the state at t_min and the model's x0 prediction there."""
+        return ExactTargets(self.process.t_min, self.last, self.ds[-1].to(DT))
+
+    def _interpolate(self, times: Sequence[float]) -> List[Tensor]:
+        p = self.process
+        ts = _check_times(p, times)
+        out = []
+        for t in ts:
+            j = int(torch.searchsorted(-self.t, torch.tensor(-t, dtype=DT), right=True)) - 1
+            j = min(max(j, 0), self.t.numel() - 1)
+            if j == self.t.numel() - 1 or t == float(self.t[j]):
+                out.append(self.last if j == self.t.numel() - 1 else self.xs[j].to(DT))
+                continue
+            tt = torch.tensor(t, dtype=DT)
+            a_t, s_t, lam_t = float(p.alpha(tt)), float(p.sigma(tt)), float(p.lam(tt))
+            s_j = float(p.sigma(self.t[j]))
+            h, H = lam_t - float(self.lam[j]), float(self.lam[j + 1] - self.lam[j])
+            e = math.exp(-h)
+            d0, d1 = self.ds[j].to(DT), self.ds[j + 1].to(DT)
+            out.append((s_t / s_j) * self.xs[j].to(DT) + a_t * (-math.expm1(-h) * d0 + (h - 1 + e) / H * (d1 - d0)))
+        return out
 
 
 class Teacher(ABC):
@@ -48,6 +100,18 @@ class Teacher(ABC):
     @abstractmethod
     def state_at(self, noise: Tensor, t: float, kwargs: Optional[Mapping[str, Any]] = None) -> Tensor:
         """The ODE state at process time ``t`` (t_min <= t <= t_max) started from ``noise`` at t_max."""
+
+    @abstractmethod
+    def trajectory(self, noise: Tensor, times: Sequence[float], kwargs: Optional[Mapping[str, Any]] = None,
+                   batch: Optional[int] = None) -> List[Tensor]:
+        """The ODE states at each of the decreasing process ``times`` (t_max >= times[0], ..., times[-1] >=
+        t_min), started from ``noise`` at t_max: one [B, *shape] float64 tensor per time."""
+
+    def dense(self, noise: Tensor, kwargs: Optional[Mapping[str, Any]] = None, batch: Optional[int] = None
+              ) -> "Trajectory":
+        """The teacher's solutions from ``noise``, to be read at any times later (``Trajectory.at``); the default
+        solves again at every read."""
+        return Trajectory(noise, lambda times: self.trajectory(noise, times, kwargs, batch))
 
     @abstractmethod
     def describe(self) -> Dict[str, Any]:
@@ -97,6 +161,17 @@ class ExactTeacher(Teacher):
         p = self.process
         x_T = p.prior_from_noise(noise.to(DT))
         return self._solve(lambda: self.reference.ode_solution(p, x_T, p.t_max, float(t), self.rtol))
+
+    def trajectory(self, noise, times, kwargs=None, batch=None) -> List[Tensor]:
+        p = self.process
+        ts = _check_times(p, times)
+        x, t_prev, out = p.prior_from_noise(noise.to(DT)), p.t_max, []
+        for t in ts:
+            if t != t_prev:
+                x = self._solve(lambda: self.reference.ode_solution(p, x, t_prev, t, self.rtol))
+            out.append(x)
+            t_prev = t
+        return out
 
     def beyond_t_min(self, at_t_min: Tensor, sigma_end: float) -> Tensor:
         """The ODE continued from the t_min state down to sigma/alpha = ``sigma_end`` (returned in the VE view,
@@ -170,6 +245,59 @@ class ModelTeacher(Teacher):
         return sample(self.model, noise, self.solver, grid=explicit(p, t=ts, final="t_min"), nfe=None,
                       model_kwargs=dict(kwargs or {})).to(DT)
 
+    def trajectory(self, noise, times, kwargs=None, batch=None) -> List[Tensor]:
+        """``solver`` on the teacher's own grid (``nfe`` + 1 points of ``spacing`` to t_min) with ``times`` added,
+        its states recorded at ``times``: the targets cost ``nfe`` + len(times) evaluations per sample."""
+        p = self.process
+        ts = _check_times(p, times)
+        own = make_grid(p, self.nfe + 1, self.spacing, "t_min").t
+        tol = 1e-9 * max(1.0, abs(p.t_max))
+        extra = [float(v) for v in own if all(abs(float(v) - u) > tol for u in ts)]
+        fine = sorted(set(ts) | set(extra) | {p.t_max}, reverse=True)
+        if fine[-1] > p.t_min + tol:
+            fine.append(p.t_min)
+        want = {t: k for k, t in enumerate(ts)}
+        step = batch or noise.shape[0]
+        parts: List[List[Tensor]] = []
+        for i in range(0, noise.shape[0], step):
+            z = noise[i:i + step].to(DT)
+            got: Dict[int, Tensor] = {}
+            if p.t_max in want:
+                got[want[p.t_max]] = p.prior_from_noise(z)
+
+            def record(state, st):
+                k = want.get(st.t_to) if st.t_to is not None else None
+                if k is not None:
+                    got[k] = state.x.to(DT).clone()
+
+            sample(self.model, z, self.solver, grid=explicit(p, t=torch.tensor(fine, dtype=DT), final="t_min"),
+                   nfe=None, model_kwargs=dict(kwargs or {}), after_step=record)
+            parts.append([got[k] for k in range(len(ts))])
+        return [torch.cat([q[k] for q in parts]) for k in range(len(ts))]
+
+    def dense(self, noise, kwargs=None, batch=None) -> DenseTrajectory:
+        """One teacher run (the same as ``targets``) that records its states and x0 predictions at every point of
+        its grid, read later at any time by interpolation (``DenseTrajectory``)."""
+        p = self.process
+        kw = dict(kwargs or {})
+        grid = make_grid(p, self.nfe + 1, self.spacing, "t_min")
+        step = batch or noise.shape[0]
+        xs, ds, last = [], [], []
+        for i in range(0, noise.shape[0], step):
+            z = noise[i:i + step].to(DT)
+            rec_x, rec_d = [p.prior_from_noise(z).float()], []
+            end = sample(self.model, z, self.solver, grid=grid, nfe=None, model_kwargs=kw,
+                         on_call=lambda call: rec_d.append(call.prediction.x0.float()),
+                         after_step=lambda state, st: rec_x.append(state.x.float())).to(DT)
+            with torch.no_grad():
+                rec_d.append(self.model.evaluate(end, p.t_min, kw).x0.float())
+            rec_x[-1] = end.float()
+            xs.append(torch.stack(rec_x, 1))
+            ds.append(torch.stack(rec_d, 1))
+            last.append(end)
+        return DenseTrajectory(noise, p, grid.t, torch.cat(xs).transpose(0, 1), torch.cat(ds).transpose(0, 1),
+                               torch.cat(last))
+
     def error_bar(self, noise, at_t_min=None) -> float:
         full = self._run(noise, self.nfe, {}) if at_t_min is None else at_t_min
         half = self._run(noise, max(2, self.nfe // 2), {})
@@ -179,6 +307,19 @@ class ModelTeacher(Teacher):
         return {"kind": "model", "solver": self.solver, "nfe": self.nfe, "spacing": self.spacing,
                 "what": f"the same model, {self.solver} with {self.nfe} NFE on a {self.spacing} grid to t_min; "
                         "the jump's target is the model's x0 prediction at that state"}
+
+
+def _check_times(process, times: Sequence[float]) -> List[float]:
+    """``times`` as floats, decreasing and within [t_min, t_max], or a clear error."""
+    ts = [float(t) for t in times]
+    if not ts:
+        raise ValueError("trajectory needs at least one time")
+    if any(b >= a for a, b in zip(ts[:-1], ts[1:])):
+        raise ValueError(f"trajectory times must be strictly decreasing, got {ts}")
+    tol = 1e-9 * max(1.0, abs(process.t_max))
+    if ts[0] > process.t_max + tol or ts[-1] < process.t_min - tol:
+        raise ValueError(f"trajectory times leave [{process.t_min:.6g}, {process.t_max:.6g}]: {ts[0]:.6g} .. {ts[-1]:.6g}")
+    return ts
 
 
 def fine_grid(process) -> str:

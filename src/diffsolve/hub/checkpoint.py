@@ -34,7 +34,8 @@ MODEL_TIMES = ("process", "log_sigma")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: models shipped inside the package: ``ds.load(name)``
 BUILTIN_MODELS = {"mnist": ASSETS / "mnist", "mnist-flow": ASSETS / "mnist_flow", "mnist-cfg": ASSETS / "mnist_cfg",
-                  "digits-edm": ASSETS / "digits_edm", "digits-v": ASSETS / "digits_v"}
+                  "digits-edm": ASSETS / "digits_edm", "digits-v": ASSETS / "digits_v",
+                  "mnist-mmd4": ASSETS / "mnist_mmd4"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 

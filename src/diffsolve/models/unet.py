@@ -103,11 +103,16 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"type"})
-        if unknown:
-            raise ValueError(f"unknown UNet config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "UNet")
+
+
+def config_from_dict(cls: Any, d: Mapping[str, Any], what: str) -> Any:
+    """A config dataclass from its dict (a 'type' key is ignored); unknown keys are a clear error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known - {"type"})
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(known)}")
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -177,6 +182,20 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class FeatureCache:
+    """Deep features kept between calls (feature reuse across adjacent sampling steps: A-SDM's feature
+    inheritance, arXiv:2406.00210; DeepCache, arXiv:2312.00858).  With ``depth`` d, a full call stores the input of
+    the d shallowest up levels; a call with ``reuse = True`` computes only the d shallowest down levels (their skip
+    connections) and those up levels, starting from the stored feature."""
+
+    def __init__(self, depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+        self.feature: Optional[Tensor] = None
+        self.reuse = False
 
 
 class UNet(nn.Module):
@@ -254,7 +273,8 @@ class UNet(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return y.long()
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None,
+                cache: Optional[FeatureCache] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects [B, {self.config.in_channels}, H, W], got {tuple(x.shape)}")
         b, _, h, w = x.shape
@@ -271,8 +291,16 @@ class UNet(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
 
+        levels = len(self.down)
+        depth = cache.depth if cache is not None else levels
+        if cache is not None and depth >= levels:
+            raise ValueError(f"feature reuse depth must be below the number of levels ({levels}), got {depth}")
+        reuse = cache is not None and cache.reuse and cache.feature is not None \
+            and cache.feature.shape[0] == x.shape[0]
         hs = [self.conv_in(x)]
-        for level in self.down:
+        for li, level in enumerate(self.down):
+            if reuse and li >= depth:
+                break
             for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hs.append(layer(hs[-1], temb))
@@ -280,10 +308,17 @@ class UNet(nn.Module):
                     hs[-1] = layer(hs[-1])
                 else:
                     hs.append(layer(hs[-1]))
-        hcur = hs[-1]
-        for layer in self.mid:
-            hcur = layer(hcur, temb) if isinstance(layer, ResBlock) else layer(hcur)
-        for level in self.up:
+        if reuse:
+            assert cache is not None and cache.feature is not None
+            hs.pop()  # the last downsampling feeds only the deeper, reused levels
+            hcur, up = cache.feature, list(self.up)[levels - depth:]
+        else:
+            hcur, up = hs[-1], list(self.up)
+            for layer in self.mid:
+                hcur = layer(hcur, temb) if isinstance(layer, ResBlock) else layer(hcur)
+        for ui, level in enumerate(up):
+            if cache is not None and not reuse and ui == levels - depth:
+                cache.feature = hcur
             for layer in cast(nn.ModuleList, level):
                 if isinstance(layer, ResBlock):
                     hcur = layer(torch.cat([hcur, hs.pop()], dim=1), temb)
@@ -291,15 +326,6 @@ class UNet(nn.Module):
                     hcur = layer(hcur)
         out = self.conv_out(F.silu(self.norm_out(hcur)))
         return out[:, :, :h, :w] if (ph or pw) else out
-
-
-def build_model(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a network from its JSON architecture dict ({'type': 'UNet', ...config fields})."""
-    arch = dict(arch)
-    kind = arch.pop("type", "UNet")
-    if kind != "UNet":
-        raise ValueError(f"unknown architecture type {kind!r} (known: 'UNet')")
-    return UNet(UNetConfig.from_dict(arch))
 
 
 def architecture(net: UNet) -> Dict[str, Any]:

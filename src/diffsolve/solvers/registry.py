@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..grids import TimeGrid
-from . import adams, ddim, dpm_solver, dpm_v3, euler, momentum, unipc
+from . import adams, consistency, ddim, dpm_solver, dpm_v3, euler, fitted, momentum, unipc
 from .state import SamplingError
 
 __all__ = ["SolverInfo", "SOLVERS", "get_solver", "solvers", "SamplingError", "Plan"]
@@ -149,6 +149,10 @@ _LIST: List[SolverInfo] = [
     SolverInfo("ipndm-hb", momentum.ipndm_hb, 1, "1 per step", _MOM + "; Zhang & Chen 2023 (arXiv:2204.13902)",
                {"order": 4, "beta": 0.8}),
     SolverInfo("ghvb", momentum.ghvb, 4, "1 per step", _MOM, {"order": 4, "beta": 0.8}),
+    SolverInfo("fitted", fitted.fitted, 1, "1 per step",
+               "Shaul et al. 2024, Bespoke Non-Stationary Solvers (arXiv:2403.01329); coefficients from ds.tune"),
+    SolverInfo("consistency", consistency.consistency, 1, "1 per step (denoise, re-noise)",
+               "Song et al. 2023, Consistency Models (arXiv:2303.01469)", stochastic=True, needs=("gaussian",)),
 ]
 
 SOLVERS: Dict[str, SolverInfo] = {s.name: s for s in _LIST}

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from ..adapters.denoiser import Model as Denoiser
+from ..evaluation.teacher import Trajectory
 from ..grids import SPACINGS, explicit, from_unit, make_grid, validate_times
 from ..sampling import sample
 from ..solvers.dpm_v3_stats import Statistics
 from .evolution import evolve_points, free_points, grid_times
+from .fitted import MUS, fit_solver, linear_coefficients, linear_solver
 from .grid_search import steps_for_nfe
 from .profile import DT, Entry
 
@@ -91,6 +93,9 @@ SOLVER_FAMILY = {"unipc-bh1": "unipc", "unipc-bh2": "unipc", "dpm++2m": "dpm++",
 PEER_SHARE = 0.1
 PEER_PROMOTE = 6
 PEER_MIN_PRESCREEN = 16
+#: the fitted solver (``tuning.fitted``): how many finalists get their coefficients refitted, with which mus
+FIT_BASES = 2
+FIT_MUS = MUS[:3]
 
 
 def peer_times(process, spacing: str, nfe: int, final: str) -> Tensor:
@@ -164,12 +169,17 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return (self.solver, self.final, tuple(sorted(self.options.items())), tuple(np.round(self.t.numpy(), 9)))
+        return (self.solver, self.final, _frozen(sorted(self.options.items())), tuple(np.round(self.t.numpy(), 9)))
 
     def with_(self, **kw) -> "Candidate":
         d = dict(solver=self.solver, t=self.t, final=self.final, options=self.options, label=self.label)
         d.update(kw)
         return Candidate(**d)
+
+
+def _frozen(v: Any) -> Any:
+    """``v`` with its lists as tuples (a coefficient matrix in a candidate's options is part of its key)."""
+    return tuple(_frozen(u) for u in v) if isinstance(v, (list, tuple)) else v
 
 
 def _n_points(solver: str, nfe: int, final: str) -> Tuple[int, int]:
@@ -471,8 +481,9 @@ class BudgetSearch:
 
     def __init__(self, den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfe: int, solvers: List[str],
                  metric: str, deadline: float, clock: _Clock, seed: int, progress: bool,
-                 warm: Sequence[Candidate] = ()):
+                 warm: Sequence[Candidate] = (), trajectory: Optional[Trajectory] = None):
         self.den, self.runner, self.cal, self.ev, self.nfe = den, runner, cal, ev, nfe
+        self.trajectory = trajectory  # the teacher's solutions from the first len(trajectory) calibration noises
         self.warm = list(warm)  # smaller budgets' tuned grids, refined to this one (``refined``)
         self.solvers, self.metric, self.deadline, self.clock = solvers, metric, deadline, clock
         self.seed, self.progress = seed, progress
@@ -490,12 +501,13 @@ class BudgetSearch:
         self.candidates()
         self.size()
         self.screen()
+        self.reserve += self.fit_cost()  # the search after screening leaves time for the fit
         if self.stratified:
             self.stratify()
         self.refine()
         self.options()
         self.polish()
-        chosen = self.choose(self.finalists())
+        chosen = self.choose(self.fit(self.finalists()))
         return self.entry(chosen, self.evaluate(chosen))
 
     # -- phases ----------------------------------------------------------------------------
@@ -751,6 +763,66 @@ class BudgetSearch:
         self.d2s: Dict[tuple, Optional[Tensor]] = {}
         for c in finalists:
             self.full[c.key], self.d2s[c.key] = S.score_full(c)
+        return finalists
+
+    def fit_cost(self) -> float:
+        """The time ``fit`` takes: per base, a (2 + 2 folds x len(MUS))-fold run of the fitting noise and a run of
+        the rest of the calibration noise."""
+        if self.trajectory is None:
+            return 0.0
+        n = len(self.trajectory)
+        per = self.runner.cost(n, self.nfe) * (2 + 2 * len(FIT_MUS)) + self.runner.cost(max(self.N - n, 0), self.nfe)
+        return FIT_BASES * per
+
+    def fit(self, finalists: List[Candidate]) -> List[Candidate]:
+        """The finalists plus, for the best ``FIT_BASES`` of them that are coefficient matrices (``tuning.fitted``),
+        the matrix refitted to the teacher's trajectory on the first calibration noises -- scored out of fold there
+        and on the rest of the calibration noise as it is, so it competes on samples it was not fitted to."""
+        traj = self.trajectory
+        if traj is None:
+            return finalists
+        n1 = self.S.evaluations
+        n = len(traj)
+        proc, cal = self.proc, self.cal
+        bases, grids = [], set()
+        for c in sorted(finalists, key=lambda c: self.full[c.key]):
+            g = (c.final, tuple(np.round(c.t.numpy(), 9)))
+            if len(bases) < FIT_BASES and linear_solver(c.solver) and math.isfinite(self.full[c.key]) \
+                    and g not in grids:
+                bases.append(c)
+                grids.add(g)
+        fits = []
+        for c in bases:
+            if self.clock.elapsed() > self.deadline:
+                break
+            grid = explicit(proc, t=c.t, final=c.final)
+            times = [float(v) for v in grid.t[1:] if math.isfinite(float(v))]
+            targets = traj.at(times) if times else []
+            if grid.clean_end:
+                targets = targets + [cal.den[:n]]
+            start = linear_coefficients(proc, c.solver, grid, **self.runner.options(c))
+            try:
+                f = fit_solver(self.den, grid, start, cal.noise[:n], targets, FIT_MUS, kwargs=self.runner.kwargs,
+                               batch=self.runner.batch)
+            except (ValueError, RuntimeError):  # a non-finite run of a fold
+                continue
+            fits.append({"base": c.label, "mu": f.mu, "cv": {str(k): v for k, v in f.cv.items()}})
+            if not math.isfinite(f.mu):
+                continue
+            rows = [[float(v) for v in row[: i + 2]] + [0.0] * (grid.steps - i - 1)
+                    for i, row in enumerate(f.coefficients.tolist())]
+            cand = Candidate("fitted", c.t, c.final, {"coefficients": rows}, f"fitted {c.label} (mu={f.mu:g})")
+            d2 = f.d2
+            if self.N > n:
+                rest = self.S._run(cand, _Set(cal.noise[n:], cal.tmin[n:], cal.den[n:]))
+                if rest is None:
+                    continue
+                d2 = torch.cat([d2, rest])
+            v = _objective(d2, self.metric)
+            self.S.full_scores[cand.key] = (v, d2, cand)
+            self.full[cand.key], self.d2s[cand.key] = v, d2
+            finalists = finalists + [cand]
+        self.phases.update(fitted=fits, fit_evaluations=self.S.evaluations - n1, fit_n=n)
         return finalists
 
     def choose(self, finalists: List[Candidate]) -> Candidate:

@@ -62,7 +62,8 @@ class Entry:
         return explicit(process, t=torch.tensor(self.t, dtype=DT), final=self.final)
 
     def describe(self) -> str:
-        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        opts = "".join(f", {k}={v}" if k != "coefficients" else f", {k}=<{len(v)} fitted rows>"
+                       for k, v in self.options.items())
         return f"{self.solver} ({len(self.t)} times, final={self.final}{opts})"
 
     def to_dict(self) -> Dict[str, Any]:

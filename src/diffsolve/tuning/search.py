@@ -26,6 +26,9 @@ What is searched, per NFE budget (``method``):
   refined by a pattern search, then the solver options are tried on it (v3: pseudo-order predictor and
   corrector on/off; UniPC: order 2/3), then an evolutionary search over the free time points
   (AutoDiffusion-style, the moves of ``schedules.evolve``) polishes it until the NFE's time share is spent.
+* the fitted solver (``tuning.fitted``): the two best finalists that are coefficient matrices (every deterministic
+  one-evaluation-per-step solver) are refitted by ridge least squares to the teacher's trajectory from the first
+  calibration noises (mu by 2-fold cross-validation) and compete with their out-of-fold errors.
 * screening and refining run on a subset of the calibration noise when the full set is too expensive; the
   final choice is made on the *whole* calibration set among the best few candidates, the library default
   (``dpm++2m``, log-SNR, denoise), the best named-spacing configuration and the best peer-equivalent, so the
@@ -48,7 +51,7 @@ import torch
 
 from ..adapters import identity
 from ..adapters.denoiser import Model as Denoiser
-from ..evaluation.teacher import TeacherSpec, make_teacher
+from ..evaluation.teacher import ModelTeacher, Teacher, TeacherSpec, Trajectory, make_teacher
 from ..reference import GaussianMixture
 from ..solvers import get_solver
 from ..solvers.dpm_v3_stats import Statistics
@@ -62,6 +65,9 @@ DEFAULT_NFES = (5, 6, 8, 10)
 GENERIC_SOLVERS = ("unipc-bh2", "dpm++3m")
 #: below this many data points the statistics are too noisy to help (method 'auto' then skips DPM-Solver-v3)
 MIN_AUTO_K = 256
+#: the fitted solver's fitting noise: at most this many calibration samples, their trajectories within this memory
+FIT_MAX = 128
+FIT_MEMORY = 256 * 2**20
 
 # ----------------------------------------------------------------------------------------
 # noise, teacher, sets
@@ -169,14 +175,15 @@ def tune(den: Denoiser, nfes: Sequence[int] = DEFAULT_NFES, method: str = "auto"
     use_v3 = use_v3 and stats is not None
     # 4. teacher targets
     t0 = time.perf_counter()
-    cal, ev = _targets(teach, eteach, cal_list, eval_list, shape, kwargs, batch, progress)
+    cal, ev, traj = _targets(teach, eteach, cal_list, eval_list, shape, kwargs, batch, progress)
     t_teacher = time.perf_counter() - t0
     say(f"teacher targets for {len(cal)} calibration + {len(ev)} evaluation samples in {t_teacher:.1f} s")
     runner = _Runner(den, batch, kwargs, stats)
     runner.tau = tau
     # 5. per-NFE search
     cand_solvers = (["dpm-v3"] if use_v3 else []) + generic
-    entries = _search_budgets(den, runner, cal, ev, nfes, cand_solvers, metric, clock, tau, seed, progress, say)
+    entries = _search_budgets(den, runner, cal, ev, nfes, cand_solvers, metric, clock, tau, seed, progress, say,
+                              traj)
     if old_nfe is not None:
         den.nfe = old_nfe
     # 6. the profile
@@ -305,20 +312,44 @@ def _statistics(den: Denoiser, use_v3: bool, method: str, data, stats: Optional[
     return stats, info
 
 
+def fit_size(n_cal: int, shape: Sequence[int], teach: Teacher) -> int:
+    """How many calibration noises the fitted solver is fitted on (their teacher trajectories are kept in memory:
+    ~``FIT_MEMORY`` bytes at most); 0 when too few for its cross-validation."""
+    dim = int(np.prod(shape))
+    cap = FIT_MEMORY // max(1, dim * (teach.cost_nfe + 2) * 8) if isinstance(teach, ModelTeacher) else FIT_MAX
+    n = min(n_cal, FIT_MAX, int(cap))
+    return n if n >= 8 else 0
+
+
 def _targets(teach, eteach, cal_list: List[int], eval_list: List[int], shape, kwargs: Dict[str, Any], batch: int,
-             progress: bool) -> Tuple[_Set, _Set]:
-    """The calibration and evaluation sets: seeded noise and the teachers' targets for it."""
+             progress: bool) -> Tuple[_Set, _Set, Optional[Trajectory]]:
+    """The calibration and evaluation sets: seeded noise and the teachers' targets for it; and the teacher's
+    trajectories from the first ``fit_size`` calibration noises (recorded by the same runs where the teacher is a
+    model)."""
     cal_noise, ev_noise = seeded_noise(cal_list, shape), seeded_noise(eval_list, shape)
+    n_fit = fit_size(len(cal_list), shape, teach)
     b = _bar(len(cal_list) + len(eval_list), "teacher targets", "sample", progress)
+    traj: Optional[Trajectory] = None
     with torch.no_grad():
-        cal = _Set.of(cal_noise, teach.targets(cal_noise, kwargs, batch, b.update))
+        if n_fit and isinstance(teach, ModelTeacher):
+            traj = teach.dense(cal_noise[:n_fit], kwargs, batch)
+            b.update(n_fit)
+            head = traj.targets()
+            rest = teach.targets(cal_noise[n_fit:], kwargs, batch, b.update) if len(cal_list) > n_fit else None
+            cal = _Set(cal_noise, *(head.at_t_min, head.denoised) if rest is None else
+                       (torch.cat([head.at_t_min, rest.at_t_min]), torch.cat([head.denoised, rest.denoised])))
+        else:
+            cal = _Set.of(cal_noise, teach.targets(cal_noise, kwargs, batch, b.update))
+            if n_fit:
+                traj = teach.dense(cal_noise[:n_fit], kwargs, batch)
         ev = _Set.of(ev_noise, eteach.targets(ev_noise, kwargs, batch, b.update))
     b.close()
-    return cal, ev
+    return cal, ev, traj
 
 
 def _search_budgets(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfes: List[int], solvers: List[str],
-                    metric: str, clock: _Clock, tau: float, seed: int, progress: bool, say) -> Dict[int, Entry]:
+                    metric: str, clock: _Clock, tau: float, seed: int, progress: bool, say,
+                    traj: Optional[Trajectory] = None) -> Dict[int, Entry]:
     """One ``BudgetSearch`` per NFE budget; the time left (less the evaluation runs' reserve) is shared in
     proportion to sqrt(NFE): a run costs ~NFE, but the small budgets gain most from a longer search."""
     n_total = sum(nfes)
@@ -334,7 +365,7 @@ def _search_budgets(den: Denoiser, runner: _Runner, cal: _Set, ev: _Set, nfes: L
                 for k, p in entries.items()]
         warm = [w for w in (refined(den.process, c, nfe) for c in prev) if w is not None]
         e = entries[nfe] = BudgetSearch(den, runner, cal, ev, nfe, solvers, metric, deadline, clock, seed,
-                                        progress, warm).run()
+                                        progress, warm, traj).run()
         outer.update(1)
         say(f"NFE {nfe}: {e.describe()}  calib {fmt(e.calib_error)} (default {fmt(e.baselines['default']['calib_error'])})"
             f"  eval {fmt(e.eval_error)} (default {fmt(e.baselines['default'].get('eval_error'))}, best named "
