@@ -171,3 +171,23 @@ def test_methods_that_need_gradients_say_so(problem, method):
 
     with pytest.raises(TypeError, match="gradients"):
         sample(ds.Denoiser(frozen, PROC, "x0", dtype=DT), op, y, 0.1, method=method, nfe=30, n=2)
+
+
+def test_start_weight_corrects_the_gaussian_start():
+    """Two far modes (weights 0.8 / 0.2, means +-120 per coordinate, so alpha_T |mu| ~ 1.5 at t_max) and an
+    uninformative measurement: from the N(0, I) start the chain gives the modes about 0.67 / 0.33; the start's
+    importance weight (the model's score integrated along the ray, 3 nodes) restores 0.8 within Monte-Carlo error."""
+    d = 4
+    mu = torch.full((d,), 120.0, dtype=DT)
+    prior = DenseGaussianMixture(torch.stack([mu, -mu]), torch.eye(d, dtype=DT).expand(2, d, d),
+                                 torch.tensor([0.8, 0.2], dtype=DT))
+    op = Dense(torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=DT))
+    y, sy = torch.tensor([0.0], dtype=DT), 100.0
+    w = float(ExactPosterior(prior, op, y, sy).mixture.log_weights.exp()[0])
+    share = {}
+    for start in (0, 3):
+        x, info = sample(prior.denoiser(PROC), op, y, sy, method="tsmc", nfe=50, n=4000, seeds=range(4000),
+                         start=start)
+        assert info.nfe == 50
+        share[start] = float((x[:, 0] > 0).double().mean())
+    assert abs(share[3] - w) < 0.03 < abs(share[0] - w), (share, w)

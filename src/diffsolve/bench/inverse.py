@@ -182,6 +182,8 @@ class InverseBenchConfig:
     oracle: bool = True
     zetas: Sequence[float] = ZETAS
     tune_problems: int = 5
+    tune_max_d: int = 100  # DPS is tuned in cells with d <= this; larger d reuse the largest tuned d's choice
+    skip: Dict[str, int] = field(default_factory=dict)  # method -> the smallest d at which it is not run (time)
     options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> options (ours)
     threads: int = 1
     progress: bool = True
@@ -319,7 +321,8 @@ def tune_dps(cfg: InverseBenchConfig, store: RunStore, bar=None) -> Dict[Tuple[s
     chosen: Dict[Tuple[str, int, int, str], float] = {}
     if not methods or cfg.tune_problems < 1:
         return chosen
-    for suite, d, dy in _cells(cfg):
+    cells = _cells(cfg)
+    for suite, d, dy in _tuned_cells(cfg):
         med: Dict[Tuple[str, float], List[float]] = {}
         for rep in range(TUNE_REP, TUNE_REP + cfg.tune_problems):
             pb = MAKERS[suite](d, dy, rep)
@@ -341,7 +344,21 @@ def tune_dps(cfg: InverseBenchConfig, store: RunStore, bar=None) -> Dict[Tuple[s
             finite = {z: v for z, v in scores.items() if not math.isnan(v)}
             best = min(finite, key=finite.get) if finite else cfg.zetas[0]  # type: ignore[arg-type]
             chosen[(suite, d, dy, m)] = best * math.sqrt(cfg.samples) if m in DPS_PEERS else best
+    for suite, d, dy in cells:  # larger cells: the choice of the largest tuned d of the suite, same d_y
+        tuned = [dd for s_, dd, y_ in _tuned_cells(cfg) if s_ == suite and y_ == dy]
+        for m in methods:
+            if (suite, d, dy, m) not in chosen and tuned:
+                chosen[(suite, d, dy, m)] = chosen[(suite, max(tuned), dy, m)]
     return chosen
+
+
+def _tuned_cells(cfg: InverseBenchConfig) -> List[Tuple[str, int, int]]:
+    cells = _cells(cfg)
+    out = [c for c in cells if c[1] <= cfg.tune_max_d]
+    for suite, d, dy in cells:  # a suite with only large cells tunes its smallest
+        if not any(c[0] == suite for c in out):
+            out += [c for c in cells if c[0] == suite and c[1] == min(cc[1] for cc in cells if cc[0] == suite)]
+    return sorted(set(out))
 
 
 def inverse_bench(cfg: InverseBenchConfig) -> Dict[str, Any]:
@@ -363,9 +380,10 @@ def inverse_bench(cfg: InverseBenchConfig) -> Dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     store = RunStore(os.path.join(cfg.out, "inverse_runs.jsonl"))
     methods = (list(REFERENCE_ROWS) if cfg.oracle else []) + list(cfg.ours) + list(cfg.peers)
+    run_at = lambda d: [m for m in methods if d < cfg.skip.get(m, d + 1)]  # noqa: E731
     n_tune = (sum(1 for m in DPS_OURS if m in cfg.ours) + sum(1 for m in DPS_PEERS if m in cfg.peers)) * \
-        len(cfg.zetas) * cfg.tune_problems * len(cells)
-    total = n_tune + sum(_reps(cfg, d) * len(methods) for _, d, _ in cells)
+        len(cfg.zetas) * cfg.tune_problems * len(_tuned_cells(cfg))
+    total = n_tune + sum(_reps(cfg, d) * len(run_at(d)) for _, d, _ in cells)
     t0 = time.perf_counter()
     with tqdm(total=total, disable=not cfg.progress, unit="run", desc="bench --inverse") as bar:
         zetas = tune_dps(cfg, store, bar)
@@ -373,7 +391,7 @@ def inverse_bench(cfg: InverseBenchConfig) -> Dict[str, Any]:
             for rep in range(_reps(cfg, d)):
                 pb = MAKERS[suite](d, dy, rep)
                 ref = None
-                for m in list(BASELINES) + methods:
+                for m in list(BASELINES) + run_at(d):
                     opts = dict(cfg.options.get(m, {}))
                     if (suite, d, dy, m) in zetas:
                         opts["zeta"] = zetas[(suite, d, dy, m)]
@@ -395,7 +413,8 @@ def inverse_bench(cfg: InverseBenchConfig) -> Dict[str, Any]:
     tune_rows = [r for r in store.rows.values() if r["phase"] == "tune" and (r["suite"], r["d"], r["d_y"]) in
                  set(cells) and TUNE_REP <= r["rep"] < TUNE_REP + cfg.tune_problems]
     summary = summarise(rows, methods, cells)
-    meta = {"command": cfg.command, "wall_s": time.perf_counter() - t0, "skipped": skipped, "zetas": {
+    meta = {"command": cfg.command, "wall_s": time.perf_counter() - t0, "skipped": skipped, "skip": dict(cfg.skip),
+            "zetas": {
         f"{s}/{d}/{dy}/{m}": z for (s, d, dy, m), z in zetas.items()}, "torch": torch.__version__,
         "threads": cfg.threads, "samples": cfg.samples, "nfe": cfg.nfe, "version": _version()}
     from . import inverse_report as report
@@ -467,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-oracle", action="store_true", help="leave out the exact-posterior oracle row")
     p.add_argument("--zetas", default=",".join(map(str, ZETAS)), help="DPS step sizes tried per cell")
     p.add_argument("--tune-problems", type=int, default=5, help="tuning problems per cell for DPS (default: 5)")
+    p.add_argument("--tune-max-d", type=int, default=100,
+                   help="tune DPS in cells with d <= this; larger cells reuse the choice (default: 100)")
+    p.add_argument("--skip", default="", help="METHOD@D,...: do not run METHOD at dimensions >= D (time)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="an option of one of our methods, repeatable (e.g. mcgdiff:oversample=2)")
     p.add_argument("--threads", type=int, default=1)
@@ -490,13 +512,24 @@ def _parse_options(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _parse_skip(text: str) -> Dict[str, int]:
+    out = {}
+    for item in (v for v in text.split(",") if v):
+        m, _, dmin = item.partition("@")
+        if not (m and dmin.isdigit()):
+            raise ValueError(f"--skip takes METHOD@D items, got {item!r}")
+        out[m] = int(dmin)
+    return out
+
+
 def config_from_args(a: argparse.Namespace, command: str = "") -> InverseBenchConfig:
     cfg = InverseBenchConfig(
         out=a.out, suites=[s for s in a.suites.split(",") if s], dims=_ints(a.dims) if a.dims else None,
         dys=_ints(a.dys), problems=a.problems, problems_large=a.problems_large, samples=a.samples, nfe=a.nfe,
         ours=[m for m in a.ours.split(",") if m], peers=[m for m in a.peers.split(",") if m], oracle=not a.no_oracle,
         zetas=[float(v) for v in a.zetas.split(",") if v], tune_problems=a.tune_problems,
-        options=_parse_options(a.option), threads=a.threads, progress=not a.no_progress, command=command)
+        options=_parse_options(a.option), threads=a.threads, progress=not a.no_progress, command=command,
+        tune_max_d=a.tune_max_d, skip=_parse_skip(a.skip))
     if a.quick:
         cfg.suites, cfg.dims, cfg.problems, cfg.samples, cfg.tune_problems = ["grid"], [8], 2, 500, 1
     if cfg.samples < 2 or cfg.problems < 1 or cfg.nfe < 1:

@@ -55,6 +55,9 @@ def markdown(cfg, rows, tune_rows, summary, methods, meta) -> str:
             "and DAPS from the papers' equations (`paper:*`)."]
     if meta.get("skipped"):
         out += ["", f"Not run (azula is not installed): {', '.join(meta['skipped'])}."]
+    if meta.get("skip"):
+        out += ["", "Not run at large d, for time ('-' in the tables): " + ", ".join(
+            f"{m} at d >= {d}" for m, d in meta["skip"].items()) + "."]
     for suite in dict.fromkeys(c["suite"] for c in summary):
         cs = [c for c in summary if c["suite"] == suite]
         out += ["", f"## Suite `{suite}`: median SW per cell (d / d_y; problems per cell: "
