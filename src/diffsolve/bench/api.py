@@ -737,6 +737,9 @@ def _config_from_args(args: argparse.Namespace, profiles: Sequence[Any] = (),
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if "--inverse" in list(sys.argv[1:] if argv is None else argv):  # posterior samplers: bench/inverse.py
+        from .inverse import main as inverse_main
+        return inverse_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--inverse"])
     args = build_parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.render:

@@ -15,3 +15,9 @@ from .operators import AvgPool, Dense, Function, GaussianBlur, Identity, Mask, O
 
 __all__ = ["sample", "methods", "guided_model", "METHODS", "InverseInfo", "ExactPosterior", "Operator", "Identity",
            "Mask", "Dense", "AvgPool", "GaussianBlur", "Function", "DPS", "MMPS", "PiGDM", "TMPD", "TDS", "DDRM", "DiffPIR", "REDDiff", "DPSStep", "PiGDMStep", "Oracle"]
+
+from .exact import LowRankPosterior  # noqa: E402
+from .methods.afdps import AFDPS  # noqa: E402
+from .methods.mcgdiff import MCGDiff  # noqa: E402
+
+__all__ += ["LowRankPosterior", "MCGDiff", "AFDPS"]

@@ -21,16 +21,19 @@ from ..solvers import get_solver
 from ..solvers.state import Noise
 from ..util import seeding
 from .exact import ExactPosterior, Prior, check_measurement
+from .methods.afdps import AFDPS
 from .methods.daps import DAPS
 from .methods.ddrm import DDRM
 from .methods.diffpir import DiffPIR
 from .methods.dps import DPS, DPSStep
+from .methods.mcgdiff import MCGDiff
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
 from .methods.pigdm import PiGDM, PiGDMStep
 from .methods.reddiff import REDDiff
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
+from .methods.tsmc import TSMC
 from .operators import Operator
 
 Tensor = torch.Tensor
@@ -74,6 +77,16 @@ METHODS: Dict[str, Method] = {
                    loop=True, per_point=lambda o: int(o.get("ode_steps", 1))),
     "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
                      "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
+    "mcgdiff": Method(MCGDiff, lambda o: 0, {"kappa": 1e-4, "eta": 1.0, "ess": 0.5, "oversample": 1, "start": 3},
+                      "MCGdiff: SMC with the measurement pinned in A's SVD basis (Cardoso et al. 2023)", loop=True,
+                      per_point=lambda o: int(o.get("oversample", 1))),
+    "afdps": Method(AFDPS, lambda o: 0, {"gamma": 1.0, "eta": 1.0, "ess": 0.5, "oversample": 1, "start": 3},
+                    "AFDPS: Feynman-Kac ensemble on p_t(x) exp(-mu_y(x)), exact Gaussian steps (Chen et al. 2025)",
+                    loop=True, per_point=lambda o: int(o.get("oversample", 1))),
+    "tsmc": Method(TSMC, lambda o: 0, {"gamma": 2.0, "eta": 1.0, "ess": 0.5, "oversample": 1, "probes": 8,
+                                       "start": 3},
+                   "TSMC: twisted SMC in A's SVD, the model's own covariance in the twist (ours)", loop=True,
+                   per_point=lambda o: int(o.get("oversample", 1))),
 }
 
 

@@ -76,16 +76,23 @@ class Operator:
             self._svd = (U[:, keep], S[keep], Vh[keep].T)
         return self._svd
 
+    def _svd_for(self, what: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """The SVD, or a clear error naming what needed it."""
+        try:
+            return self.svd()
+        except (NotImplementedError, TypeError, RuntimeError) as e:
+            raise TypeError(f"{type(self).__name__} gives no SVD, which {what} needs: {e}") from e
+
     def pinv(self, y: Tensor) -> Tensor:
         """The pseudo-inverse A^+ y (least-norm least-squares), by the SVD unless overridden."""
         self._check(y, self.out_shape, "y")
-        U, S, V = self.svd()
+        U, S, V = self._svd_for("the pseudo-inverse A^+")
         yf = y.reshape(y.shape[0], -1).to(DT)
         return (((yf @ U) / S) @ V.T).reshape((y.shape[0],) + self.in_shape).to(y.dtype)
 
     def prox(self, x0: Tensor, y: Tensor, rho: float | Tensor) -> Tensor:
         """argmin_x ||y - A x||^2 + rho ||x - x0||^2 = (A^T A + rho I)^{-1} (A^T y + rho x0), by the SVD."""
-        U, S, V = self.svd()
+        U, S, V = self._svd_for("the prox of the data term")
         b = (self.adjoint(y) + _bcast(rho, x0) * x0).reshape(x0.shape[0], -1).to(DT)
         r = torch.as_tensor(rho, dtype=DT).reshape(-1, 1)
         bv = b @ V

@@ -6,6 +6,7 @@ from typing import Callable, Dict, Tuple
 from .dense import DenseGaussianMixture
 from .gmm import ClosedFormPrior, ExactTargets, GaussianMixture, exact_targets
 from .pointcloud import PointCloud
+from .shared import SharedCovarianceMixture
 from .statistics import gaussian_statistics
 
 #: the named exact references: name -> (description, constructor)
@@ -17,4 +18,5 @@ REFERENCES: Dict[str, Tuple[str, Callable[[], GaussianMixture]]] = {
               lambda: GaussianMixture.random(3072, seed=0, shape=(3, 32, 32))),
 }
 
-__all__ = ["GaussianMixture", "DenseGaussianMixture", "PointCloud", "ClosedFormPrior", "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]
+__all__ = ["GaussianMixture", "DenseGaussianMixture", "PointCloud", "SharedCovarianceMixture", "ClosedFormPrior",
+           "ExactTargets", "exact_targets", "gaussian_statistics", "REFERENCES"]

@@ -41,3 +41,11 @@ def json_dump_atomic(obj: Any, path: PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: PathLike) -> None:
+    """Write ``text`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -18,6 +18,8 @@ No VJP; ``ode_steps`` network evaluations per annealing step.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...adapters.denoiser import Model
@@ -26,7 +28,7 @@ from ...sampling import sample
 from ...solvers.state import Noise
 from ..exact import check_measurement
 from ..operators import Operator
-from .ddrm import spectrum
+from .smc import spectral_basis
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -37,15 +39,13 @@ class DAPS:
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, ode_steps: int = 1,
                  data_var: float = 1.0):
-        if not op.linear:
-            raise TypeError("DAPS (exact Gaussian step) needs a linear operator (its SVD)")
         if int(ode_steps) < 1:
             raise ValueError(f"DAPS's ode_steps must be >= 1, got {ode_steps}")
         if not data_var > 0:
             raise ValueError(f"DAPS's data_var must be > 0, got {data_var}")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
-        _, _, self.V, self.s = spectrum(op)
+        _, self.s, self.V = spectral_basis(op, "daps")  # V [d, r]: the observed directions
         self.ode_steps, self.data_var = int(ode_steps), float(data_var)
         self.nfe = self.vjps = 0
 
@@ -69,8 +69,9 @@ class DAPS:
         r2 = S**2 / (1.0 + S**2 / self.data_var)
         sy2 = max(self.sigma_y, 1e-12) ** 2
         mean = self.op.prox(x0_hat, self.y.expand((n,) + self.op.out_shape).to(DT), sy2 / max(r2, 1e-300))
-        var = 1.0 / (1.0 / max(r2, 1e-300) + self.s**2 / sy2)
-        return mean.reshape(n, -1) + (z.reshape(n, -1) * var.sqrt()) @ self.V.T
+        sd = (1.0 / (1.0 / max(r2, 1e-300) + self.s**2 / sy2)).sqrt()  # along V; r elsewhere
+        z = z.reshape(n, -1)
+        return mean.reshape(n, -1) + math.sqrt(r2) * z + ((sd - math.sqrt(r2)) * (z @ self.V)) @ self.V.T
 
     def run(self, noise: Tensor, grid: TimeGrid, rng: Noise, generator: torch.Generator) -> Tensor:
         """Samples from standard normal ``noise`` on the annealing ``grid`` (ending at t_min); ``rng``: the per-sample

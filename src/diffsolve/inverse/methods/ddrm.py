@@ -15,7 +15,6 @@ evaluation per step (the defaults eta = 0.85, eta_b = 1 are the paper's).
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 
@@ -24,43 +23,22 @@ from ...grids import TimeGrid
 from ...solvers.state import Noise
 from ..exact import check_measurement
 from ..operators import Operator
+from .smc import spectral_basis
 
 Tensor = torch.Tensor
 DT = torch.float64
-
-
-def complete_basis(V: Tensor) -> Tensor:
-    """[d, d] orthonormal basis whose first columns are V's (V: [d, r] orthonormal)."""
-    d, r = V.shape
-    if r == d:
-        return V
-    Q, _ = torch.linalg.qr(torch.cat([V, torch.eye(d, dtype=V.dtype)], 1))
-    Q = Q[:, :d]
-    Q[:, :r] = V  # QR may flip signs of V's columns: keep V itself
-    return Q
-
-
-def spectrum(op: Operator) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(U [m, r], S [r], V [d, d], s [d]) of a linear operator: its SVD with V completed to an orthonormal basis of
-    the data space and s its singular values padded with zeros for the unobserved directions."""
-    U, S, V = op.svd()
-    s = torch.cat([S.to(DT), torch.zeros(op.in_dim - S.numel(), dtype=DT)])
-    return U, S, complete_basis(V.to(DT)), s
 
 
 class DDRM:
     name = "ddrm"
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float, eta: float = 0.85, eta_b: float = 1.0):
-        if not op.linear:
-            raise TypeError("DDRM needs a linear operator (its SVD)")
         if not (0 <= eta <= 1 and 0 <= eta_b <= 1):
             raise ValueError("DDRM's eta and eta_b must lie in [0, 1]")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
         self.y = check_measurement(op, y, sigma_y)
-        U, S, self.V, self.s = spectrum(op)
-        self.r = S.numel()
-        self.y_bar = torch.cat([(self.y.reshape(-1).to(DT) @ U) / S, torch.zeros(op.in_dim - self.r, dtype=DT)])
+        U, self.s, self.V = spectral_basis(op, "ddrm")  # V [d, r]: the observed directions; the rest is isotropic
+        self.y_bar = (self.y.reshape(-1).to(DT) @ U) / self.s
         self.eta, self.eta_b = float(eta), float(eta_b)
         self.nfe = self.vjps = 0
 
@@ -71,37 +49,36 @@ class DDRM:
 
     def run(self, noise: Tensor, grid: TimeGrid, rng: Noise, generator: torch.Generator) -> Tensor:
         """Samples from standard normal ``noise`` on ``grid`` (final='t_min'; one evaluation per point, the last
-        one's x0 prediction is the result); ``rng``: the per-sample streams of the steps' noise."""
+        one's x0 prediction is the result); ``rng``: the per-sample streams of the steps' noise.  The unobserved
+        rule is isotropic, so it runs in the data space and the observed coordinates x V are then replaced."""
         shape = noise.shape
         n = shape[0]
-        obs = self.s > 0
-        s_, yb, sy, eta, eta_b = self.s, self.y_bar, self.sigma_y, self.eta, self.eta_b
+        V, s_, yb, sy, eta, eta_b = self.V, self.s, self.y_bar, self.sigma_y, self.eta, self.eta_b
         S0 = float(grid.sigma[0] / grid.alpha[0])
-        # the start, in the spectral basis of the VE view
         z = rng.like(noise.to(DT)).reshape(n, -1)
-        xb = S0 * z
-        rem = (S0**2 - sy**2 / s_[obs].clamp_min(1e-300) ** 2).clamp_min(0.0).sqrt()
-        xb[:, obs] = torch.where(S0 * s_[obs] >= sy, yb[obs] + rem * z[:, obs], xb[:, obs])
+        x = S0 * z  # the start in the VE view
+        zb = z @ V
+        rem = (S0**2 - sy**2 / s_**2).clamp_min(0.0).sqrt()
+        xb = torch.where(S0 * s_ >= sy, yb + rem * zb, S0 * zb)
+        x = x + (xb - x @ V) @ V.T
         n_pts = grid.t.numel()
         if grid.is_clean(n_pts - 1):
             raise ValueError("ddrm runs on a grid that ends at t_min (final='t_min')")
         for i in range(n_pts):
             a_t, sig_t = float(grid.alpha[i]), float(grid.sigma[i])
             St = sig_t / a_t
-            x = (xb @ self.V.T).reshape(shape) * a_t
-            x0b = self._x0(x, float(grid.t[i]), a_t, sig_t).reshape(n, -1) @ self.V
+            x0 = self._x0((x * a_t).reshape(shape), float(grid.t[i]), a_t, sig_t).reshape(n, -1)
             if i == n_pts - 1:  # the final jump: the denoised state
-                xb = x0b
+                x = x0
                 break
             Ss = float(grid.sigma[i + 1] / grid.alpha[i + 1])
-            eps = (xb - x0b) / St
-            z = rng.like(x).reshape(n, -1).to(DT)
-            new = x0b + math.sqrt(1 - eta**2) * Ss * eps + eta * Ss * z  # unobserved
-            so, ybo, x0o = s_[obs], yb[obs], x0b[:, obs]
-            weak = so * Ss < sy
-            noisy = x0o + math.sqrt(1 - eta**2) * Ss * (ybo - x0o) * so / max(sy, 1e-300) + eta * Ss * z[:, obs]
-            var = (Ss**2 - eta_b**2 * sy**2 / so**2).clamp_min(0.0)
-            strong = (1 - eta_b) * x0o + eta_b * ybo + var.sqrt() * z[:, obs]
-            new[:, obs] = torch.where(weak, noisy, strong)
-            xb = new
-        return (xb @ self.V.T).reshape(shape)
+            eps = (x - x0) / St
+            z = rng.like(x.reshape(shape)).reshape(n, -1).to(DT)
+            new = x0 + math.sqrt(1 - eta**2) * Ss * eps + eta * Ss * z  # unobserved
+            x0b, zb = x0 @ V, z @ V
+            weak = s_ * Ss < sy
+            noisy = x0b + math.sqrt(1 - eta**2) * Ss * (yb - x0b) * s_ / max(sy, 1e-300) + eta * Ss * zb
+            var = (Ss**2 - eta_b**2 * sy**2 / s_**2).clamp_min(0.0)
+            strong = (1 - eta_b) * x0b + eta_b * yb + var.sqrt() * zb
+            x = new + (torch.where(weak, noisy, strong) - new @ V) @ V.T
+        return x.reshape(shape)

@@ -23,7 +23,7 @@ class PiGDM(Guided):
         if not op.linear:
             raise TypeError("PiGDM needs a linear operator (its SVD)")
         self.data_var = float(data_var)
-        self.U, self.S, _ = op.svd()
+        self.U, self.S, _ = op._svd_for("PiGDM")
 
     def correction(self, tape: Tape, alpha, sigma):
         a = torch.as_tensor(alpha, dtype=torch.float64)

@@ -26,25 +26,10 @@ from ...adapters.denoiser import Model
 from ...grids import TimeGrid
 from ...solvers.state import Noise, SolverState
 from ..operators import Operator
+from .smc import ess, systematic_resample  # noqa: F401  (re-exported: the resampling lives in smc)
 
 Tensor = torch.Tensor
 DT = torch.float64
-
-
-def systematic_resample(logw: Tensor, u: float) -> Tensor:
-    """Indices of a systematic resampling of the normalised weights exp(logw) with offset u in [0, 1)."""
-    w = torch.softmax(logw, 0)
-    n = w.numel()
-    c = torch.cumsum(w, 0)
-    c[-1] = 1.0
-    pos = (torch.arange(n, dtype=DT) + u) / n
-    return torch.searchsorted(c, pos).clamp_max(n - 1)
-
-
-def ess(logw: Tensor) -> float:
-    """Effective sample size (sum w)^2 / sum w^2."""
-    w = torch.softmax(logw, 0)
-    return float(1.0 / (w * w).sum())
 
 
 class TDS:
