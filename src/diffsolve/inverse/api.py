@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
-from ..adapters.denoiser import Model
+from ..adapters.denoiser import Model, ModelWrapper
 from ..grids import make_grid
+from ..guidance.precision import PrecisionWeighted
 from ..sampling import sample as run_sampler
 from ..solvers import get_solver
 from ..solvers.state import Noise
@@ -24,11 +25,16 @@ from .exact import ExactPosterior, Prior, check_measurement
 from .methods.daps import DAPS
 from .methods.ddrm import DDRM
 from .methods.diffpir import DiffPIR
+from .methods.dpm_encoder import DPMEncoder
 from .methods.dps import DPS, DPSStep
+from .methods.flowchef import FlowChef
+from .methods.joint import Product
+from .methods.mbir import SliceTV, as_volume
 from .methods.mmps import MMPS
 from .methods.oracle import Oracle
 from .methods.pigdm import PiGDM, PiGDMStep
 from .methods.reddiff import REDDiff
+from .methods.repaint import RePaint
 from .methods.tds import TDS
 from .methods.tmpd import TMPD
 from .operators import Operator
@@ -48,6 +54,8 @@ class Method:
     loop: bool = False  # a method with its own sampling loop (``run``), not a model wrapper run by a solver
     spacing: str = "logsnr"  # the time grid of a loop method
     per_point: Callable[[Dict[str, Any]], int] = lambda o: 1  # network evaluations per grid point of a loop method
+    composite: bool = False  # runs another method (option ``inner``) on a model it builds (``joint``)
+    adapt: Optional[Callable[[Model, Operator], Model]] = None  # the prior the method runs (``mbir``: a volume)
 
 
 METHODS: Dict[str, Method] = {
@@ -74,7 +82,38 @@ METHODS: Dict[str, Method] = {
                    loop=True, per_point=lambda o: int(o.get("ode_steps", 1))),
     "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
                      "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
+    "repaint": Method(RePaint, lambda o: 0, {"resample": 3, "jump": 1, "eta": 1.0},
+                      "RePaint: replacement of the measured part with resampling jumps (Lugmayr et al. 2022)",
+                      loop=True, per_point=lambda o: int(o.get("resample", 3)) + 1),
+    "flowchef": Method(FlowChef, lambda o: 0, {"zeta": 0.5},
+                       "FlowChef: steer the state down the data gradient at x0_hat, no VJP (Patel et al. 2024)"),
+    "joint": Method(Product, lambda o: METHODS[o.get("inner", "repaint")].vjps(o), {"inner": "repaint", "resample": 0},
+                    "two frozen priors, y = w1 x1 + w2 x2 + n: method `inner` on the product prior (Stevens et al. 2023)",
+                    composite=True),
+    "mbir": Method(SliceTV, lambda o: 0, {"lam": 1.0, "tv": 0.02, "iterations": 10},
+                   "a 2-D prior per slice with ADMM total variation across slices, for volumes (Chung et al. 2023)",
+                   adapt=as_volume),
+    "dpm-encoder": Method(DPMEncoder, lambda o: 0, {"eta": 1.0, "t0": 1.0},
+                          "DPM-Encoder: encode y into a stochastic sampler's noises, decode with `decoder` "
+                          "(CycleDiffusion, Wu & De la Torre 2023)", loop=True, per_point=lambda o: 2),
+    "precision": Method(lambda *a, **o: _precision(*a, **o),
+                        lambda o: METHODS[o.get("inner", "dps-x0")].vjps(o), {"inner": "dps-x0"},
+                        "precision-weighted guidance: method `inner`'s correction weighted per pixel by the "
+                        "variance of the recent x0 predictions (CogDPM, Chen et al. 2024)"),
 }
+
+
+def _precision(model: Model, op: Operator, y: Tensor, sigma_y: float, inner: str = "dps-x0", window: int = 3,
+               power: float = 1.0, **options: Any) -> PrecisionWeighted:
+    """Method 'precision': the wrapper method ``inner`` under precision weighting."""
+    if inner not in METHODS or METHODS[inner].loop or METHODS[inner].composite or inner in ("precision", "oracle"):
+        known = [m for m in methods() if not (METHODS[m].loop or METHODS[m].composite) and m not in ("precision", "oracle")]
+        raise ValueError(f"precision weighting needs a guidance wrapper as inner method, got {inner!r}; "
+                         f"known: {', '.join(known)}")
+    guided = guided_model(model, op, y, sigma_y, inner, **options)
+    if not isinstance(guided, ModelWrapper):
+        raise TypeError(f"{inner} did not build a model wrapper")
+    return PrecisionWeighted(guided, window, power)
 
 
 def methods() -> List[str]:
@@ -119,6 +158,11 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     """``n`` samples of p(x0 | y) under ``model``'s prior; see the module docstring."""
     if method not in METHODS:
         raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
+    if METHODS[method].composite:
+        return _run_joint(model, operator, y, sigma_y, nfe, n, seeds, solver, prior, progress, dict(options))
+    adapt = METHODS[method].adapt
+    if adapt is not None:
+        model = adapt(model, operator)
     if operator.in_shape != _shape(model, operator):
         raise ValueError(f"the operator acts on {list(operator.in_shape)}, the model's data are "
                          f"{list(_shape(model, operator))}")
@@ -134,35 +178,76 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     noise = seeding.noise(seeds, operator.in_shape)
     if spec.loop:
-        return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts)
+        return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts, progress)
     guided = guided_model(model, operator, y, sigma_y, method, prior, **options)
     t0 = time.perf_counter()
     x, si = run_sampler(guided, noise, info.name, nfe=used, seeds=seeds if info.stochastic else None,
-                        return_info=True, progress=progress)
+                        return_info=True, progress=progress, after_step=getattr(guided, "after_step", None))
     seconds = time.perf_counter() - t0
     vjps = int(getattr(guided, "vjps", 0))
     return x, InverseInfo(method, info.name, si.nfe, si.nfe, vjps, si.nfe + VJP_COST * vjps, seconds,
                           float(sigma_y), {k: v for k, v in opts.items() if isinstance(v, (int, float, str))})
 
 
+class _Progress(ModelWrapper):
+    """The model, ticking a progress bar at every evaluation (the loop methods call the model directly)."""
+
+    def __init__(self, inner: Model, bar: Any):
+        super().__init__(inner)
+        self.bar = bar
+
+    def evaluate(self, x, t, kwargs=None, coeffs=None):
+        out = self.inner.evaluate(x, t, kwargs if kwargs is not None else {}, coeffs)
+        self.bar.update(1)
+        return out
+
+
 def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Tensor, sigma_y: float,
-                   evals: int, noise: Tensor, seeds: List[int], opts: Dict[str, Any]) -> Tuple[Tensor, InverseInfo]:
+              evals: int, noise: Tensor, seeds: List[int], opts: Dict[str, Any],
+              progress: bool = False) -> Tuple[Tensor, InverseInfo]:
     if evals < 2:
         raise ValueError(f"{method} needs at least 2 evaluations; raise nfe")
-    smc = spec.build(model, operator, y, sigma_y, **opts)
     points = evals // max(1, spec.per_point(opts))
     if points < 2:
         raise ValueError(f"{method} needs at least 2 grid points of {spec.per_point(opts)} evaluations; raise nfe")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=evals, desc=method, unit="nfe", leave=False)
+        model = cast(Model, _Progress(model, bar))
+    smc = spec.build(model, operator, y, sigma_y, **opts)
     grid = make_grid(model.process, points, spec.spacing, "t_min")
     g = seeding.stream(seeds[0], seeding.SOLVER)
     t0 = time.perf_counter()
-    x = smc.run(noise, grid, Noise(seeding.solver_generators(seeds)), g)
+    try:
+        x = smc.run(noise, grid, Noise(seeding.solver_generators(seeds)), g)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     return x.reshape(noise.shape), InverseInfo(method, method, smc.nfe, smc.nfe, smc.vjps,
                                                smc.nfe + VJP_COST * smc.vjps, seconds, float(sigma_y),
                                                {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str))},
                                                 **({"resamplings": smc.resamplings} if hasattr(smc, "resamplings")
                                                    else {})})
+
+
+def _run_joint(model: Model, operator: Operator, y: Tensor, sigma_y: float, nfe: int, n: int,
+               seeds: Optional[Sequence[int]], solver: str, prior: Optional[Prior], progress: bool,
+               options: Dict[str, Any]) -> Tuple[Tensor, InverseInfo]:
+    """Method ``joint``: ``inner`` on the product of ``model`` and ``second`` (default: ``model`` again), with
+    half the budget (one product evaluation is two network evaluations); the costs reported are per pair."""
+    opts = {**METHODS["joint"].defaults, **options}
+    second, inner = opts.pop("second", None), opts.pop("inner")
+    if inner not in METHODS or METHODS[inner].composite:
+        raise ValueError(f"joint: unknown inner method {inner!r}; known: "
+                         f"{', '.join(m for m in methods() if not METHODS[m].composite)}")
+    if inner != "repaint" and "resample" not in options:  # the default belongs to the default inner method
+        opts.pop("resample")
+    x, info = sample(Product(model, second), operator, y, sigma_y, method=inner, nfe=nfe // 2, n=n, seeds=seeds,
+                     solver=solver, prior=prior, progress=progress, **opts)
+    return x, InverseInfo(f"joint:{inner}", info.solver, info.evaluations, 2 * info.nfe, 2 * info.vjps,
+                          2 * info.nfe_equivalents, info.seconds, info.sigma_y, {"inner": inner, **info.options})
 
 
 def _shape(model: Model, operator: Operator) -> Tuple[int, ...]:
