@@ -217,9 +217,21 @@ def test_ddrm_posterior_mean_and_its_variance_deficit():
 
 @pytest.mark.parametrize("method", sorted(set(methods())))
 def test_every_method_runs_within_its_budget(method):
+    from diffsolve.inverse.methods.joint import Mix
+
     prior, op, y, sy = _mixture_problem(d=8, m=3)
-    x, info = sample(prior.denoiser(PROC), op, y, sy, method=method, nfe=40, n=8, prior=prior)
-    assert x.shape == (8, 8) and torch.isfinite(x).all()
+    den, shape = prior.denoiser(PROC), (8,)
+    if method == "dpm-encoder":  # encodes an image: the identity and a clean y
+        op, y, sy = Identity((8,)), prior.sample(1, torch.Generator().manual_seed(9))[0], 0.0
+    elif method == "joint":  # two sources: y = (x1 + x2) / 2 + n
+        op, shape = Mix((8,), (0.5, 0.5)), (16,)
+        y = op(prior.sample(2, torch.Generator().manual_seed(9)).reshape(1, 16))[0]
+    elif method == "mbir":  # volumes of two 8-dim slices
+        den.sample_shape = (8,)
+        op, shape = Dense.gaussian(5, (2, 8), seed=3), (2, 8)
+        y = op(prior.sample(2, torch.Generator().manual_seed(9)).reshape(1, 2, 8))[0]
+    x, info = sample(den, op, y, sy, method=method, nfe=40, n=8, prior=prior)
+    assert x.shape == (8,) + shape and torch.isfinite(x).all()
     assert info.nfe_equivalents <= 40 and info.evaluations >= 2
     assert info.nfe_equivalents == info.nfe + 2 * info.vjps
 

@@ -56,6 +56,7 @@ class Method:
     per_point: Callable[[Dict[str, Any]], int] = lambda o: 1  # network evaluations per grid point of a loop method
     composite: bool = False  # runs another method (option ``inner``) on a model it builds (``joint``)
     adapt: Optional[Callable[[Model, Operator], Model]] = None  # the prior the method runs (``mbir``: a volume)
+    coupled: bool = False  # its samples interact (SMC) or share one posterior: one measurement per call
 
 
 METHODS: Dict[str, Method] = {
@@ -74,14 +75,14 @@ METHODS: Dict[str, Method] = {
                       "RED-diff: variational point estimate with a score-distillation prior (Mardani et al. 2023)",
                       loop=True, spacing="uniform"),
     "tds": Method(TDS, lambda o: 1, {"kappa": 1.0, "data_var": 1.0, "ess": 0.5, "full": False},
-                  "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True),
+                  "TDS: twisted SMC with resampling (Wu et al. 2023)", loop=True, coupled=True),
     "ddrm": Method(DDRM, lambda o: 0, {"eta": 0.85, "eta_b": 1.0},
                    "DDRM: spectral DDIM in the operator's SVD (Kawar et al. 2022)", loop=True),
     "daps": Method(DAPS, lambda o: 0, {"ode_steps": 1, "data_var": 1.0},
                    "DAPS: decoupled annealing, the Gaussian conditional sampled exactly in the SVD (Zhang et al. 2024)",
                    loop=True, per_point=lambda o: int(o.get("ode_steps", 1))),
     "oracle": Method(lambda model, op, y, sigma_y, posterior: Oracle(model, posterior), lambda o: 0, {},
-                     "exact likelihood term of a Gaussian-mixture problem (needs prior=)"),
+                     "exact likelihood term of a Gaussian-mixture problem (needs prior=)", coupled=True),
     "repaint": Method(RePaint, lambda o: 0, {"resample": 3, "jump": 1, "eta": 1.0},
                       "RePaint: replacement of the measured part with resampling jumps (Lugmayr et al. 2022)",
                       loop=True, per_point=lambda o: int(o.get("resample", 3)) + 1),
@@ -138,11 +139,14 @@ class InverseInfo:
 
 def guided_model(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: str = "mmps",
                  prior: Optional[Prior] = None, **options: Any) -> Model:
-    """``model`` wrapped by ``method`` for the measurement (y, sigma_y): a model every solver can run."""
+    """``model`` wrapped by ``method`` for the measurement (y, sigma_y): a model every solver can run
+    (y [B, *out_shape]: one measurement per sample of a batch of B)."""
     if method not in METHODS:
         raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
-    check_measurement(operator, y, sigma_y)
     spec = METHODS[method]
+    check_measurement(operator, y, sigma_y, batch=not spec.coupled)
+    if spec.adapt is not None:
+        model = spec.adapt(model, operator)
     opts = {**spec.defaults, **options}
     if method == "oracle":
         if prior is None:
@@ -158,6 +162,9 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     """``n`` samples of p(x0 | y) under ``model``'s prior; see the module docstring."""
     if method not in METHODS:
         raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    n = len(seeds)
+    _check_per_sample(method, operator, y, n)
     if METHODS[method].composite:
         return _run_joint(model, operator, y, sigma_y, nfe, n, seeds, solver, prior, progress, dict(options))
     adapt = METHODS[method].adapt
@@ -175,7 +182,6 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     if evals < 1 or steps < 1:
         raise ValueError(f"a budget of {nfe} NFE-equivalents does not fit one step of {method} "
                          f"({per_eval:g} NFE-equivalents per evaluation)")
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     noise = seeding.noise(seeds, operator.in_shape)
     if spec.loop:
         return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts, progress)
@@ -248,6 +254,19 @@ def _run_joint(model: Model, operator: Operator, y: Tensor, sigma_y: float, nfe:
                      solver=solver, prior=prior, progress=progress, **opts)
     return x, InverseInfo(f"joint:{inner}", info.solver, info.evaluations, 2 * info.nfe, 2 * info.vjps,
                           2 * info.nfe_equivalents, info.seconds, info.sigma_y, {"inner": inner, **info.options})
+
+
+def _check_per_sample(method: str, operator: Operator, y: Any, n: int) -> None:
+    """y [n, *out_shape] is one measurement per sample (many problems in one call): the method must treat its
+    samples independently and n must match."""
+    y = torch.as_tensor(y) if not isinstance(y, Tensor) else y
+    if y.dim() != len(operator.out_shape) + 1 or y.shape[0] == 1:
+        return
+    if y.shape[0] != n:
+        raise ValueError(f"y holds {y.shape[0]} measurements for {n} samples (one per sample, or one for all)")
+    inner = METHODS[method]
+    if inner.coupled:
+        raise ValueError(f"{method} couples its samples (one posterior per call): give one measurement, not {n}")
 
 
 def _shape(model: Model, operator: Operator) -> Tuple[int, ...]:

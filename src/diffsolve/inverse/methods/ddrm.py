@@ -57,10 +57,11 @@ class DDRM:
         if not (0 <= eta <= 1 and 0 <= eta_b <= 1):
             raise ValueError("DDRM's eta and eta_b must lie in [0, 1]")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         U, S, self.V, self.s = spectrum(op)
         self.r = S.numel()
-        self.y_bar = torch.cat([(self.y.reshape(-1).to(DT) @ U) / S, torch.zeros(op.in_dim - self.r, dtype=DT)])
+        yf = self.y.reshape(self.y.shape[0], -1).to(DT)  # [1 or B, m]
+        self.y_bar = torch.cat([(yf @ U) / S, torch.zeros(yf.shape[0], op.in_dim - self.r, dtype=DT)], 1)
         self.eta, self.eta_b = float(eta), float(eta_b)
         self.nfe = self.vjps = 0
 
@@ -81,7 +82,7 @@ class DDRM:
         z = rng.like(noise.to(DT)).reshape(n, -1)
         xb = S0 * z
         rem = (S0**2 - sy**2 / s_[obs].clamp_min(1e-300) ** 2).clamp_min(0.0).sqrt()
-        xb[:, obs] = torch.where(S0 * s_[obs] >= sy, yb[obs] + rem * z[:, obs], xb[:, obs])
+        xb[:, obs] = torch.where(S0 * s_[obs] >= sy, yb[:, obs] + rem * z[:, obs], xb[:, obs])
         n_pts = grid.t.numel()
         if grid.is_clean(n_pts - 1):
             raise ValueError("ddrm runs on a grid that ends at t_min (final='t_min')")
@@ -97,7 +98,7 @@ class DDRM:
             eps = (xb - x0b) / St
             z = rng.like(x).reshape(n, -1).to(DT)
             new = x0b + math.sqrt(1 - eta**2) * Ss * eps + eta * Ss * z  # unobserved
-            so, ybo, x0o = s_[obs], yb[obs], x0b[:, obs]
+            so, ybo, x0o = s_[obs], yb[:, obs], x0b[:, obs]
             weak = so * Ss < sy
             noisy = x0o + math.sqrt(1 - eta**2) * Ss * (ybo - x0o) * so / max(sy, 1e-300) + eta * Ss * z[:, obs]
             var = (Ss**2 - eta_b**2 * sy**2 / so**2).clamp_min(0.0)

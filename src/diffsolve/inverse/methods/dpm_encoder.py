@@ -132,7 +132,7 @@ class DPMEncoder:
             raise TypeError("dpm-encoder encodes an image: give the Identity operator and the image as y")
         if not 0 < eta <= 1 or not 0 < t0 <= 1:
             raise ValueError(f"dpm-encoder needs eta and t0 in (0, 1], got eta={eta}, t0={t0}")
-        self.model, self.y = model, check_measurement(op, y, sigma_y)
+        self.model, self.y = model, check_measurement(op, y, sigma_y, batch=True)
         self.eta, self.t0 = float(eta), float(t0)
         self.decoder = decoder if decoder is not None else model
         self.decoder_kwargs = decoder_kwargs

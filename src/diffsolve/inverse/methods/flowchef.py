@@ -53,7 +53,7 @@ class FlowChef(ModelWrapper):
         super().__init__(model)
         if not zeta > 0:
             raise ValueError(f"FlowChef needs a step zeta > 0, got {zeta}")
-        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y), float(sigma_y)
+        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y, batch=True), float(sigma_y)
         self.zeta = float(zeta)
         self.vjps = 0
 

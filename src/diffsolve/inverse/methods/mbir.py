@@ -132,7 +132,7 @@ class SliceTV(ModelWrapper):
             raise ValueError(f"the slice-wise TV solver acts on volumes [D, ...], the operator on {list(op.in_shape)}")
         if not lam > 0 or tv < 0 or int(iterations) < 1:
             raise ValueError("mbir needs lam > 0, tv >= 0 and iterations >= 1")
-        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y), float(sigma_y)
+        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y, batch=True), float(sigma_y)
         self.lam, self.tv, self.iterations, self.floor = float(lam), float(tv), int(iterations), float(sigma_floor)
         self.vjps = 0
 

@@ -66,11 +66,11 @@ class RePaint:
         if not 0 <= eta <= 1:
             raise ValueError(f"RePaint's eta must lie in [0, 1], got {eta}")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         U, S, self.V, self.s = spectrum(op)
         r = S.numel()
-        self.y_bar = torch.cat([(self.y.reshape(1, -1).to(DT) @ U) / S,
-                                torch.zeros(1, op.in_dim - r, dtype=DT)], 1)
+        yf = self.y.reshape(self.y.shape[0], -1).to(DT)  # [1 or B, m]
+        self.y_bar = torch.cat([(yf @ U) / S, torch.zeros(yf.shape[0], op.in_dim - r, dtype=DT)], 1)
         self.resample, self.jump, self.eta = int(resample), int(jump), float(eta)
         self.nfe = self.vjps = 0
 
@@ -82,7 +82,7 @@ class RePaint:
         if not bool(obs.any()):
             return x
         xb = (x.reshape(n, -1).to(DT) / a) @ self.V
-        z = rng.like(x).reshape(n, -1).to(DT)
+        z = rng.like(x).reshape(n, -1).to(DT) @ self.V  # drawn in data space (a mask's noise is per pixel)
         so = self.s[obs]
         sd = (S**2 - self.sigma_y**2 / so**2).clamp_min(0.0).sqrt()
         xb[:, obs] = self.y_bar[:, obs] + sd * z[:, obs]
