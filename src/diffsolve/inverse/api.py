@@ -157,16 +157,18 @@ def guided_model(model: Model, operator: Operator, y: Tensor, sigma_y: float, me
 
 def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: str = "mmps", nfe: int = 100,
            n: int = 16, seeds: Optional[Sequence[int]] = None, solver: str = "dpm++2m",
-           prior: Optional[Prior] = None, progress: bool = False,
+           prior: Optional[Prior] = None, progress: bool = False, spacing: Optional[str] = None,
            **options: Any) -> Tuple[Tensor, InverseInfo]:
-    """``n`` samples of p(x0 | y) under ``model``'s prior; see the module docstring."""
+    """``n`` samples of p(x0 | y) under ``model``'s prior; see the module docstring.  ``spacing``: the time grid
+    (``ds.grids.SPACINGS``; default: the solver's for wrappers, the method's own for loop methods)."""
     if method not in METHODS:
         raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(methods())}")
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     n = len(seeds)
     _check_per_sample(method, operator, y, n)
     if METHODS[method].composite:
-        return _run_joint(model, operator, y, sigma_y, nfe, n, seeds, solver, prior, progress, dict(options))
+        return _run_joint(model, operator, y, sigma_y, nfe, n, seeds, solver, prior, progress,
+                          dict(options, **({"spacing": spacing} if spacing else {})))
     adapt = METHODS[method].adapt
     if adapt is not None:
         model = adapt(model, operator)
@@ -184,11 +186,13 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
                          f"({per_eval:g} NFE-equivalents per evaluation)")
     noise = seeding.noise(seeds, operator.in_shape)
     if spec.loop:
-        return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts, progress)
+        return _run_loop(spec, method, model, operator, y, sigma_y, evals, noise, seeds, opts, progress,
+                         spacing or spec.spacing)
     guided = guided_model(model, operator, y, sigma_y, method, prior, **options)
     t0 = time.perf_counter()
     x, si = run_sampler(guided, noise, info.name, nfe=used, seeds=seeds if info.stochastic else None,
-                        return_info=True, progress=progress, after_step=getattr(guided, "after_step", None))
+                        return_info=True, progress=progress, after_step=getattr(guided, "after_step", None),
+                        spacing=spacing)
     seconds = time.perf_counter() - t0
     vjps = int(getattr(guided, "vjps", 0))
     return x, InverseInfo(method, info.name, si.nfe, si.nfe, vjps, si.nfe + VJP_COST * vjps, seconds,
@@ -210,7 +214,7 @@ class _Progress(ModelWrapper):
 
 def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Tensor, sigma_y: float,
               evals: int, noise: Tensor, seeds: List[int], opts: Dict[str, Any],
-              progress: bool = False) -> Tuple[Tensor, InverseInfo]:
+              progress: bool = False, spacing: str = "logsnr") -> Tuple[Tensor, InverseInfo]:
     if evals < 2:
         raise ValueError(f"{method} needs at least 2 evaluations; raise nfe")
     points = evals // max(1, spec.per_point(opts))
@@ -222,7 +226,7 @@ def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Te
         bar = tqdm(total=evals, desc=method, unit="nfe", leave=False)
         model = cast(Model, _Progress(model, bar))
     smc = spec.build(model, operator, y, sigma_y, **opts)
-    grid = make_grid(model.process, points, spec.spacing, "t_min")
+    grid = make_grid(model.process, points, spacing, "t_min")
     g = seeding.stream(seeds[0], seeding.SOLVER)
     t0 = time.perf_counter()
     try:
@@ -244,14 +248,14 @@ def _run_joint(model: Model, operator: Operator, y: Tensor, sigma_y: float, nfe:
     """Method ``joint``: ``inner`` on the product of ``model`` and ``second`` (default: ``model`` again), with
     half the budget (one product evaluation is two network evaluations); the costs reported are per pair."""
     opts = {**METHODS["joint"].defaults, **options}
-    second, inner = opts.pop("second", None), opts.pop("inner")
+    second, inner, spacing = opts.pop("second", None), opts.pop("inner"), opts.pop("spacing", None)
     if inner not in METHODS or METHODS[inner].composite:
         raise ValueError(f"joint: unknown inner method {inner!r}; known: "
                          f"{', '.join(m for m in methods() if not METHODS[m].composite)}")
     if inner != "repaint" and "resample" not in options:  # the default belongs to the default inner method
         opts.pop("resample")
     x, info = sample(Product(model, second), operator, y, sigma_y, method=inner, nfe=nfe // 2, n=n, seeds=seeds,
-                     solver=solver, prior=prior, progress=progress, **opts)
+                     solver=solver, prior=prior, progress=progress, spacing=spacing, **opts)
     return x, InverseInfo(f"joint:{inner}", info.solver, info.evaluations, 2 * info.nfe, 2 * info.vjps,
                           2 * info.nfe_equivalents, info.seconds, info.sigma_y, {"inner": inner, **info.options})
 
