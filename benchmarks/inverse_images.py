@@ -183,6 +183,34 @@ def cell_path(out: Path, task: str, spec: str) -> Path:
     return out / "cells" / task / f"{safe}.npz"
 
 
+def claim(path: Path) -> bool:
+    """Claim a cell for this process (a lock file holding its pid), so that several runs can share the cache;
+    a lock whose process is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # another run is on it
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+
+
 def save_cell(path: Path, res: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -406,14 +434,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if (t == "class") == (parse_method(m)[0] in CLASS_METHODS)]
     for task, spec in tqdm(jobs, desc="cells", unit="cell"):
         path = cell_path(out, task, spec)
-        if path.exists():
+        if path.exists() or not claim(path):
             continue
         try:
             res = run_cell(prior, task, spec, truth, labels, args.samples, args.nfe, args.chunk)
         except (ValueError, TypeError) as e:  # a method that does not apply (e.g. needs another operator)
+            release(path)
             print(f"{task} {spec}: skipped ({e})", file=sys.stderr)
             continue
+        except BaseException:
+            release(path)
+            raise
         save_cell(path, res)
+        release(path)
         sc = score(task, res, truth, labels, metric)
         print(f"{task:>10} {spec:<28} " + " ".join(f"{k}={v:.3g}" for k, v in sc.items())
               + f"  nfe-eq={res['nfe_equivalents']:g} {res['wall']:.0f}s", flush=True)
