@@ -272,6 +272,38 @@ def score(task: str, res: Dict[str, Any], truth: torch.Tensor, labels: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DPM-Encoder: round trip and class translation (CycleDiffusion) with the class-conditional model
+# ---------------------------------------------------------------------------------------------------------------
+def encoder_demo(truth: torch.Tensor, labels: torch.Tensor, metric, steps: int = 20, eta: float = 1.0,
+                 t0: float = 0.6) -> Dict[str, Any]:
+    """Encode held-out digits under ``mnist-cfg`` conditioned on their own label (DPM-Encoder, eta = 1, ``steps``
+    points), decode (a) with the same label: the round trip, and (b) with label + 1 mod 10 from a partial encoding
+    (``t0`` of the time range): a class translation that keeps the writing style.  Reports the round-trip error,
+    the LeNet's reading of the translations and their distance to the source."""
+    from diffsolve.grids import make_grid
+    from diffsolve.inverse.methods.dpm_encoder import decode, encode, partial_grid
+    from diffsolve.solvers.state import Noise
+    from diffsolve.util import seeding
+
+    den = ds.load("mnist-cfg")
+    own = Conditioned(den, {"class_labels": labels})
+    target = (labels + 1) % 10
+    other = Conditioned(den, {"class_labels": target})
+    n = truth.shape[0]
+    rng = Noise(seeding.solver_generators(list(range(n))))
+    grid = make_grid(den.process, steps, "logsnr", "t_min")
+    z = encode(own, truth, grid, eta, rng)
+    back = decode(own, z)
+    zp = encode(own, truth, partial_grid(den, grid, t0), eta, Noise(seeding.solver_generators(list(range(n)))))
+    moved = decode(other, zp).clamp(-1, 1)
+    read = torch.as_tensor(metric.features(moved.float())[1])
+    return {"round_trip_max_abs_error": float((back - truth).abs().max()),
+            "translated_read_as_target": float((read == target).double().mean()),
+            "translated_psnr_to_source": float(iq.psnr(moved, truth).mean()), "steps": steps, "eta": eta, "t0": t0,
+            "nfe": 2 * steps, "images": moved}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # how much of the digit the box leaves: what a perfect posterior sampler could reach
 # ---------------------------------------------------------------------------------------------------------------
 def box_ceiling(truth: torch.Tensor, labels: torch.Tensor, metric) -> Dict[str, float]:
@@ -377,6 +409,20 @@ def write_doc(out: Path, doc: Path, model: str, k_default: int, truth, labels, m
                  "closest on the visible pixels)", "knn5_per_sample": "a 5-nearest-neighbour posterior, per sample",
                  "svc_on_visible_pixels": "an RBF SVM trained on the visible pixels (Bayes-classifier proxy)"}
         lines += [f"| {names.get(k, k)} | {v:.2f} |" for k, v in c.items()] + [""]
+    enc = out / "encoder.npz"
+    if enc.exists():
+        e = load_cell(enc)
+        from diffsolve.util.images import save_grid as _save
+
+        _save(torch.cat([truth[:10], e["samples"][:10, 0]]).float(), figs / "encoder.png", nrow=10, scale=2)
+        lines += ["## DPM-Encoder (CycleDiffusion) on `mnist-cfg`", "",
+                  f"The first 10 truths encoded with `mnist-cfg` conditioned on their own label ({e['steps']} "
+                  f"points, eta = {e['eta']:g}). Decoded with the same label, the code returns the image: largest "
+                  f"error {e['round_trip_max_abs_error']:.1e}. Encoded to t0 = {e['t0']:g} of the time range and "
+                  f"decoded with label + 1 mod 10, the LeNet reads the new label in "
+                  f"{100 * e['translated_read_as_target']:.0f}% of the 64 translations (PSNR to the source "
+                  f"{e['translated_psnr_to_source']:.1f} dB), {2 * e['steps']} NFE each.", "",
+                  "![encoder](inverse_images/encoder.png)", "", "Rows: truth, translated to the next digit.", ""]
     path = doc / "inverse_images.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -407,6 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: 4 images, 20 NFE, two methods, two tasks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ceiling", action="store_true", help="compute the box-inpainting reference points")
+    ap.add_argument("--encoder", action="store_true", help="run the DPM-Encoder demonstration")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -426,6 +473,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "box_ceiling.json").write_text(json.dumps(c, indent=2) + "\n")
         print(json.dumps(c, indent=2))
+        return 0
+    if args.encoder:
+        e = encoder_demo(truth, labels, metric)
+        save_cell(out / "encoder.npz", {"samples": e.pop("images")[:, None], **e})
+        print(json.dumps(e, indent=2))
         return 0
     prior = load_prior(args.model)
     from tqdm.auto import tqdm

@@ -196,7 +196,8 @@ def sample(model: Model, operator: Operator, y: Tensor, sigma_y: float, method: 
     seconds = time.perf_counter() - t0
     vjps = int(getattr(guided, "vjps", 0))
     return x, InverseInfo(method, info.name, si.nfe, si.nfe, vjps, si.nfe + VJP_COST * vjps, seconds,
-                          float(sigma_y), {k: v for k, v in opts.items() if isinstance(v, (int, float, str))})
+                          float(sigma_y), {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str))},
+                                           "spacing": spacing or "logsnr"})
 
 
 class _Progress(ModelWrapper):
@@ -238,6 +239,7 @@ def _run_loop(spec: Method, method: str, model: Model, operator: Operator, y: Te
     return x.reshape(noise.shape), InverseInfo(method, method, smc.nfe, smc.nfe, smc.vjps,
                                                smc.nfe + VJP_COST * smc.vjps, seconds, float(sigma_y),
                                                {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str))},
+                                                "spacing": spacing,
                                                 **({"resamplings": smc.resamplings} if hasattr(smc, "resamplings")
                                                    else {})})
 

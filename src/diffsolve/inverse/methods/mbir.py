@@ -6,12 +6,14 @@ independently (``Volume``: the slices are one batch of the model), and the slice
 data term and a total-variation penalty along the slice axis, D_z X = X[1:] - X[:-1].  At every evaluation the
 model's x0 prediction X0 (all slices) is replaced by
 
-    X* = argmin_X  ||y - A X||^2 / 2 + (rho_t / 2) ||X - X0||^2 + tv ||D_z X||_1,   rho_t = lam sigma_y^2 / s_t^2
+    X* = argmin_X  ||y - A X||^2 / (2 sigma_y^2) + lam ||X - X0||^2 / (2 s_t^2) + tv ||D_z X||_1
 
-(s_t = sigma_t / alpha_t; with tv = 0 this is DiffPIR's prox on the volume), solved by ADMM on Z = D_z X:
+(s_t = sigma_t / alpha_t; with tv = 0 this is DiffPIR's prox on the volume).  Multiplied by sigma_y^2 it is
+||y - A X||^2 / 2 + (rho_t / 2) ||X - X0||^2 + tv sigma_y^2 ||D_z X||_1 with rho_t = lam sigma_y^2 / s_t^2, which
+``tv_prox`` solves by ADMM on Z = D_z X (mu the penalty):
 
     X <- (A^T A + rho_t I + mu D_z^T D_z)^{-1} (A^T y + rho_t X0 + mu D_z^T (Z - U))    (conjugate gradients),
-    Z <- soft(D_z X + U, tv / mu),   U <- U + D_z X - Z.
+    Z <- soft(D_z X + U, tv sigma_y^2 / mu),   U <- U + D_z X - Z.
 
 The paper runs one ADMM iteration per predictor-corrector step with Z, U kept across steps; here ``iterations``
 ADMM iterations run from Z = D_z X0, U = 0 at each evaluation, so the result is a function of X0 and usable as an
