@@ -8,8 +8,10 @@ import torch
 
 from diffsolve import inverse
 from diffsolve.cli import main
-from diffsolve.cli.main import _as_image, _build_operator, _measurement_from_input
 from diffsolve.evaluation import image_quality as iq
+from diffsolve.evaluation.restore import as_image as _as_image
+from diffsolve.evaluation.restore import build_operator as _build_operator
+from diffsolve.evaluation.restore import measurement_from_input as _measurement_from_input
 
 SHAPE = (1, 28, 28)
 
@@ -234,7 +236,7 @@ def run(argv, capsys):
 @pytest.fixture(scope="module")
 def heldout_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("restore") / "r"
-    code = main(["restore", "--heldout", "0", "--operator", "box:14", "--sigma-y", "0.05", "--method", "mmps",
+    code = main(["restore", "--heldout", "0", "--operator", "box:14", "--sigma-y", "0.05", "--method", "repaint",
                  "--nfe", "20", "--samples", "2", "--seed", "0", "--out", str(out), "--quiet"])
     return code, out
 
@@ -249,8 +251,8 @@ def test_restore_heldout_end_to_end(heldout_run):
     np.testing.assert_allclose(mean, x.mean(0))
     np.testing.assert_allclose(std, x.std(0, ddof=1))
     info = json.loads((out / "info.json").read_text())
-    assert info["method"] == "mmps" and info["input"] == "mnist-heldout[0]" and info["input_is"] == "truth"
-    assert info["nfe_equivalents"] <= 20 and info["vjps"] > 0 and info["seconds"] > 0 and info["sigma_y"] == 0.05
+    assert info["method"] == "repaint" and info["input"] == "mnist-heldout[0]" and info["input_is"] == "truth"
+    assert info["nfe_equivalents"] <= 20 and info["vjps"] == 0 and info["seconds"] > 0 and info["sigma_y"] == 0.05
     assert info["operator"]["spec"] == "box:14" and info["operator"]["measurements"] == 588
     for k in ("psnr_mean", "ssim_mean", "coverage_90", "chi2_mean", "lenet_feature_distance_mean"):
         assert math.isfinite(info["metrics"][k]), k
@@ -279,6 +281,24 @@ def test_restore_png_input_is_measured_like_the_heldout_image(heldout_run, tmp_p
     # the same truth (up to float32 rounding of the stored split) and the same seeded noise
     np.testing.assert_allclose(np.load(out / "y.npy"), np.load(heldout_run[1] / "y.npy"), atol=1e-6)
     assert json.loads((out / "info.json").read_text())["input"] == str(png)
+
+
+def test_python_one_liner_is_the_command(heldout_run, tmp_path):
+    """``ds.restore`` (a model name, an image array, an operator spec) gives the command's measurement and samples."""
+    import diffsolve as ds
+    from diffsolve.util.datasets import load_dataset
+
+    truth = load_dataset("mnist-heldout", limit=1)[0].double().numpy()
+    r = ds.restore("mnist-flow", truth, "box:14", sigma_y=0.05, method="repaint", nfe=20, samples=2, seed=0,
+                   out=tmp_path / "py")
+    np.testing.assert_allclose(r.y[0].numpy(), np.load(heldout_run[1] / "y.npy"), atol=1e-12)
+    np.testing.assert_allclose(r.samples.numpy(), np.load(heldout_run[1] / "samples.npy"), atol=1e-12)
+    assert r.samples.shape == (2, 1, 28, 28) and r.info.nfe_equivalents <= 20
+    assert (tmp_path / "py" / "restore.png").stat().st_size > 0 and r.metrics["psnr_mean"] > 0
+    with pytest.raises(ValueError, match="samples"):
+        ds.restore("mnist-flow", truth, "box:14", samples=1)
+    with pytest.raises(ValueError, match="unknown inverse method"):
+        ds.restore("mnist-flow", truth, "box:14", method="joint")
 
 
 def bad_npy(tmp_path, arr):

@@ -60,7 +60,7 @@ __all__ = [
     "process_from_config", "GaussianMixture", "exact_targets", "reference", "inverse",
     "sample", "SampleInfo", "SamplerSpec", "solvers", "get_solver", "SOLVERS", "SolverInfo", "SolverState",
     "SamplingError", "TimeGrid", "make_grid", "explicit", "grids", "load", "save_model", "dpm_v3", "momentum",
-    "bench", "tune", "Profile", "compute_statistics",
+    "bench", "tune", "Profile", "compute_statistics", "restore",
 ]
 __all__ += ["GaussianStart", "PFGMpp", "MeanReverting", "RDDM", "ResShift"]
 
@@ -71,6 +71,13 @@ def sample(*args: Any, profile: Any = None, **kwargs: Any):
         from .tuning import Profile as _Profile
         profile = _Profile.load(profile)
     return _sample(*args, profile=profile, **kwargs)
+
+
+def restore(model: Any, image: Any, operator: Any = "box:14", **kwargs: Any):
+    """Posterior samples of a degraded image, their mean and spread (``diffsolve.evaluation.restore.restore``);
+    ``model`` may be a name for ``ds.load``: ``ds.restore("mnist-flow", "digit.png", "box:14", out="out/r")``."""
+    from .evaluation.restore import restore as _restore
+    return _restore(load(model) if isinstance(model, (str, os.PathLike)) else model, image, operator, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,8 @@ import torch
 import diffsolve as ds
 
 from ..adapters.parameterisation import PARAMETERISATIONS
+from ..evaluation.restore import DEFAULT_METHOD, DEFAULT_MODEL, OPERATORS
+from ..evaluation.restore import EXCLUDED as RESTORE_EXCLUDED
 from ..evaluation.teacher import ExactTeacher
 from ..grids import FINALS, SPACINGS
 from ..processes import PRESETS
@@ -417,18 +419,6 @@ def cmd_demo_toy(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 # diffsolve restore
 # ----------------------------------------------------------------------------------------
-#: ``--operator`` forms: name -> (argument, what it builds)
-OPERATORS = {
-    "box": ("S", "inpainting: hide the central S x S box (Mask.box)"),
-    "random": ("P[:SEED]", "inpainting: hide a random fraction P of the pixels (Mask.random, mask seed 0)"),
-    "sr": ("F", "super-resolution: mean over F x F blocks (AvgPool)"),
-    "blur": ("SIGMA[:SIZE]", "Gaussian blur of std SIGMA, SIZE x SIZE kernel, default 7 (GaussianBlur)"),
-    "cs": ("R", "compressed sensing: round(R d) Gaussian measurements (Dense.gaussian, seed 0)"),
-    "denoise": ("", "denoising: A = I (Identity)"),
-}
-#: the measurement noise of ``restore --seed s`` comes from ``manual_seed(MEASUREMENT_SEED + s)``, above every
-#: sample seed's noise and solver streams
-MEASUREMENT_SEED = 2**63
 RESTORE_EPILOG = """\
 operators (--operator NAME:ARG):
 """ + "\n".join(f"  {k + (':' + v[0] if v[0] else ''):<20} {v[1]}" for k, v in OPERATORS.items()) + """
@@ -446,169 +436,16 @@ H, W], mean.npy, std.npy, y.npy and info.json (method, NFE, VJPs, seconds, sigma
 truth, PSNR / SSIM / LeNet-feature distance / 90% coverage / chi^2; see diffsolve.evaluation.image_quality).
 
 example:
-  diffsolve restore --heldout 0 --operator box:14 --sigma-y 0.05 --method mmps --nfe 100 --samples 8
+  diffsolve restore --heldout 0 --operator box:14 --sigma-y 0.05 --nfe 100 --samples 8
+the same from Python:
+  ds.restore("mnist-flow", "digit.png", "box:14", sigma_y=0.05, samples=8, out="out/restore")
 """
 
 
-def _parse_operator_spec(spec: str) -> Tuple[str, List[float]]:
-    """``"box:14"`` -> ("box", [14.0]); clear errors for unknown names and malformed arguments."""
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    if name not in OPERATORS:
-        raise CLIError(f"unknown operator {spec!r}; known: {', '.join(f'{k}:{v[0]}' if v[0] else k for k, v in OPERATORS.items())}")
-    parts = rest.split(":") if rest else []
-    want = OPERATORS[name][0]
-    required = 0 if not want else 1
-    optional = want.count("[")
-    if not required <= len(parts) <= required + optional:
-        raise CLIError(f"operator {name} takes {name}:{want}" if want else f"operator {name} takes no argument")
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise CLIError(f"operator {spec!r}: {name}:{want} needs numbers") from None
-    if not all(np.isfinite(vals)):
-        raise CLIError(f"operator {spec!r}: arguments must be finite")
-    return name, vals
-
-
-def _int_arg(v: float, what: str, spec: str) -> int:
-    if v != int(v):
-        raise CLIError(f"operator {spec!r}: {what} must be an integer, got {v:g}")
-    return int(v)
-
-
-def _build_operator(spec: str, shape: Tuple[int, ...]):
-    """The ``diffsolve.inverse`` operator of an ``--operator`` spec for images ``shape`` [C, H, W]."""
-    from .. import inverse
-
-    name, vals = _parse_operator_spec(spec)
-    C, H, W = shape
-    try:
-        if name == "box":
-            size = _int_arg(vals[0], "the box size", spec)
-            return inverse.Mask.box(shape, size)
-        if name == "random":
-            if not 0 < vals[0] < 1:
-                raise CLIError(f"operator {spec!r}: the missing fraction must be in (0, 1)")
-            seed = _int_arg(vals[1], "the mask seed", spec) if len(vals) > 1 else 0
-            return inverse.Mask.random(shape, vals[0], seed=seed)
-        if name == "sr":
-            f = _int_arg(vals[0], "the factor", spec)
-            if f < 2:
-                raise CLIError(f"operator {spec!r}: the factor must be >= 2")
-            return inverse.AvgPool(shape, f)
-        if name == "blur":
-            size = _int_arg(vals[1], "the kernel size", spec) if len(vals) > 1 else 7
-            return inverse.GaussianBlur(shape, sigma=vals[0], size=size)
-        if name == "cs":
-            if not 0 < vals[0] <= 1:
-                raise CLIError(f"operator {spec!r}: the ratio must be in (0, 1]")
-            m = max(1, round(vals[0] * C * H * W))
-            return inverse.Dense.gaussian(m, shape, seed=0)
-        return inverse.Identity(shape)
-    except CLIError:
-        raise
-    except ValueError as e:
-        raise CLIError(f"operator {spec!r}: {e}") from None
-
-
-def _to_unit(a: np.ndarray, what: str) -> np.ndarray:
-    """Image values -> float64 in [-1, 1]: uint8 0..255; floats in [0, 1] (x 2 - 1) or already in [-1, 1]."""
-    if a.dtype == np.uint8:
-        return a.astype(np.float64) / 127.5 - 1.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float64) / 32767.5 - 1.0
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number):
-        raise CLIError(f"{what}: unsupported dtype {a.dtype} (give uint8 or float values)")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise CLIError(f"{what}: the image has NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0 and hi <= 1:
-        return a * 2 - 1
-    if lo >= -1 and hi <= 1:
-        return a
-    raise CLIError(f"{what}: values span [{lo:.4g}, {hi:.4g}]; expected uint8, [0, 1] or [-1, 1]")
-
-
-def _read_array(path: Path) -> np.ndarray:
-    """The raw array of a PNG (grayscale; [H, W]) or .npy file."""
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise CLIError(f"{path}: not a readable .npy array ({e})") from None
-    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                mode = img.mode
-                if mode in ("I;16", "I;16B", "I;16L"):
-                    return np.asarray(img).astype(np.uint16)
-                if mode in ("RGB", "RGBA"):
-                    rgb = np.asarray(img.convert("RGB"))
-                    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
-                        raise CLIError(f"{path}: a colour image; the model takes grayscale images")
-                    return rgb[..., 0].copy()
-                return np.asarray(img.convert("L"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"{path}: not a readable image ({e})") from None
-    raise CLIError(f"{path}: give a .png image or a .npy array")
-
-
-def _as_image(a: np.ndarray, shape: Tuple[int, ...], what: str) -> torch.Tensor:
-    """``a`` as one image [1, *shape] in [-1, 1]: [*shape], [H, W] (one channel), [H, W, C] or [1, *shape]."""
-    C, H, W = shape
-    arr = a
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim == 2 and C == 1:
-        arr = arr[None]
-    elif arr.ndim == 3 and arr.shape[-1] == C and arr.shape[0] != C:
-        arr = arr.transpose(2, 0, 1)
-    if tuple(arr.shape) != tuple(shape):
-        raise CLIError(f"{what}: the image is {'x'.join(map(str, a.shape))}, the model/measurement takes "
-                       f"{'x'.join(map(str, shape))} (nothing is resized)")
-    return torch.from_numpy(np.ascontiguousarray(_to_unit(arr, what)))[None]
-
-
-def _measurement_from_input(op, a: np.ndarray, what: str) -> torch.Tensor:
-    """y [1, *out_shape] from an input that is already in measurement space (--measured)."""
-    from ..inverse import Mask
-
-    if isinstance(op, Mask):
-        return op(_as_image(a, op.in_shape, what))
-    if len(op.out_shape) == 3:
-        return _as_image(a, op.out_shape, what)
-    v = np.asarray(a, dtype=np.float64).reshape(-1) if np.issubdtype(a.dtype, np.number) else None
-    if v is None or v.size != op.out_dim:
-        raise CLIError(f"{what}: the measurement must be {op.out_dim} numbers, got shape {list(a.shape)}")
-    if not np.isfinite(v).all():
-        raise CLIError(f"{what}: the measurement has NaN or infinite values")
-    return torch.from_numpy(v)[None]
-
-
-def _visualise_measurement(op, y: torch.Tensor) -> Tuple[torch.Tensor, str]:
-    """The measurement as an image of the data shape: masks with hidden pixels grey, others A^+ y."""
-    from ..inverse import Mask
-
-    if isinstance(op, Mask):
-        vis = op.adjoint(y)
-        return vis.masked_fill(~op.mask[None], 0.0), "y (grey: hidden)"
-    if tuple(op.out_shape) == tuple(op.in_shape):
-        return y.reshape((1,) + op.in_shape), "y"
-    return op.pinv(y), "A+ y"
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Posterior samples of a degraded image with the model as prior (``ds.inverse.sample``)."""
+    """Posterior samples of a degraded image with the model as prior (``diffsolve.evaluation.restore``)."""
     from .. import inverse
-    from ..evaluation.image_quality import posterior_std, psnr, restoration_metrics
-    from ..util.images import save_grid, save_labelled_grids
+    from ..evaluation.restore import parse_operator_spec, restore
 
     # cheap checks first, before the model is loaded
     if (args.input is None) == (args.heldout is None):
@@ -623,95 +460,38 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CLIError(f"--nfe must be >= 1, got {args.nfe}")
     if not 0 <= args.seed < 2**31:
         raise CLIError(f"--seed must be in [0, 2**31), got {args.seed}")
-    if args.method not in inverse.methods() or args.method == "oracle":
-        known = ", ".join(m for m in inverse.methods() if m != "oracle")
+    if args.method not in inverse.methods() or args.method in RESTORE_EXCLUDED:
+        known = ", ".join(m for m in inverse.methods() if m not in RESTORE_EXCLUDED)
         raise CLIError(f"unknown inverse method {args.method!r} for a network prior; known: {known}")
-    _parse_operator_spec(args.operator)
+    parse_operator_spec(args.operator)
     options = _parse_options(args.option)
-    raw = _read_array(Path(args.input)) if args.input is not None else None
-
-    den = ds.load(args.model)
-    shape = tuple(int(s) for s in (getattr(den, "sample_shape", None) or ()))
-    if len(shape) != 3:
-        raise CLIError(f"{args.model}: restore needs an image model [C, H, W]; the checkpoint records {list(shape)}")
-    op = _build_operator(args.operator, shape)
-
-    truth: Optional[torch.Tensor] = None
+    image: Any = args.input
+    source = str(args.input)
     if args.heldout is not None:
         from ..util.datasets import load_dataset
 
         data = load_dataset("mnist-heldout")
-        if tuple(data.shape[1:]) != shape:
-            raise CLIError(f"--heldout: mnist-heldout images are {list(data.shape[1:])}, the model takes {list(shape)}")
         if not 0 <= args.heldout < data.shape[0]:
             raise CLIError(f"--heldout must be in [0, {data.shape[0]}), got {args.heldout}")
-        truth = data[args.heldout:args.heldout + 1].to(torch.float64)
-        source = f"mnist-heldout[{args.heldout}]"
-    else:
-        assert raw is not None
-        source = str(args.input)
-        if not args.measured:
-            truth = _as_image(raw, shape, source)
-    if truth is not None:  # measured here: y = A x + sigma_y n, n from its own generator (no sample stream's)
-        g = torch.Generator().manual_seed(MEASUREMENT_SEED + int(args.seed))
-        clean = op(truth)
-        y = clean + args.sigma_y * torch.randn(clean.shape, generator=g, dtype=torch.float64)
-    else:
-        assert raw is not None
-        y = _measurement_from_input(op, raw, source)
-
-    seeds = seeding.run_seeds(args.seed, args.samples)
+        image, source = data[args.heldout].to(torch.float64).numpy(), f"mnist-heldout[{args.heldout}]"
+    den = ds.load(args.model)
     _log(f"restore: {args.method}, {args.nfe} NFE-equivalents per sample, {args.samples} samples, "
-         f"operator {args.operator} ({op.out_dim} measurements), sigma_y {args.sigma_y:g}", args.quiet)
-    x, info = inverse.sample(den, op, y, float(args.sigma_y), method=args.method, nfe=args.nfe, n=args.samples,
-                             seeds=seeds, solver=args.solver, progress=not args.quiet, **options)
-    x = x.detach().to("cpu", torch.float64)
-    if not torch.isfinite(x).all():
-        raise CLIError(f"{args.method} diverged (non-finite samples); lower --nfe, change --sigma-y or the method")
-    mean, std = x.mean(0), posterior_std(x)
-    metrics = restoration_metrics(x, truth, op, y, float(args.sigma_y) if args.sigma_y > 0 else None,
-                                  lenet=shape == (1, 28, 28))
-    vis, vis_label = _visualise_measurement(op, y)
-    if truth is not None:
-        metrics["psnr_measurement_image"] = float(psnr(vis.clamp(-1, 1), truth)[0])
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {k: str(out / f"{k}.npy") for k in ("samples", "mean", "std", "y")}
-    np.save(files["samples"], x.numpy())
-    np.save(files["mean"], mean.numpy())
-    np.save(files["std"], std.numpy())
-    np.save(files["y"], y.detach().cpu().numpy()[0])
-    smax = float(std.max())
-    panels, labels = [], []
-    if truth is not None:
-        panels.append(truth)
-        labels.append("truth")
-    panels += [vis.clamp(-1, 1), x.clamp(-1, 1), mean[None].clamp(-1, 1),
-               (std / max(smax, 1e-12) * 2 - 1)[None]]
-    labels += [vis_label, f"{args.samples} samples", "mean", f"std (white {smax:.2f})"]
-    # each panel tiled on its own (a square of the samples, the single images alone)
-    files["png"] = str(save_labelled_grids(panels, labels, out / "restore.png", nrow=None, scale=4))
-    files["samples_png"] = str(save_grid(x.clamp(-1, 1), out / "samples.png", nrow=min(args.samples, 8), scale=3))
-    files["info"] = str(out / "info.json")
-    _write_json(out / "info.json", {
-        "model": args.model, "input": source, "input_is": "truth" if truth is not None else "measurement",
-        "method": info.method, "solver": info.solver, "nfe_budget": args.nfe, "nfe": info.nfe, "vjps": info.vjps,
-        "nfe_equivalents": info.nfe_equivalents, "seconds": round(info.seconds, 3), "sigma_y": float(args.sigma_y),
-        "operator": {"spec": args.operator, "class": type(op).__name__, "in_shape": list(op.in_shape),
-                     "out_shape": list(op.out_shape), "measurements": op.out_dim},
-        "samples": args.samples, "seed": args.seed, "sample_seeds": [seeds[0], seeds[-1]],
-        "options": info.options, "metrics": metrics, "files": files, "version": ds.__version__,
-    })
+         f"operator {args.operator}, sigma_y {args.sigma_y:g}, prior {args.model}", args.quiet)
+    r = restore(den, image, args.operator, sigma_y=float(args.sigma_y), method=args.method, nfe=args.nfe,
+                samples=args.samples, seed=args.seed, measured=args.measured, solver=args.solver, out=args.out,
+                progress=not args.quiet, source=source, **options)
+    info, metrics = r.info, r.metrics
+    _write_json(Path(r.files["info"]), {**json.loads(Path(r.files["info"]).read_text()), "model": args.model,
+                                        "version": ds.__version__})
     msg = (f"{info.method}: {info.nfe} NFE + {info.vjps} VJPs per sample ({info.nfe_equivalents:g} NFE-eq), "
            f"{args.samples} samples in {info.seconds:.1f} s")
-    if truth is not None:
+    if r.truth is not None:
         msg += (f"; mean PSNR {metrics['psnr_mean']:.2f} dB, SSIM {metrics['ssim_mean']:.3f}, "
                 f"90% coverage {metrics['coverage_90']:.3f} (calibrated at K={args.samples}: "
                 f"~{metrics['coverage_90_if_calibrated']:.2f})")
     if "chi2_mean" in metrics:
         msg += f", chi2/dof {metrics['chi2_mean']:.2f}"
-    print(f"{msg} -> {out}")
+    print(f"{msg} -> {args.out}")
     return 0
 
 
@@ -789,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Posterior sampling for an inverse problem y = A x + sigma_y n with a frozen "
                                    "model as the prior (a thin layer over diffsolve.inverse.sample).",
                        epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--model", default="mnist", help="the prior: a checkpoint folder or a built-in name "
-                                                     "(default: %(default)s)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="the prior: a checkpoint folder or a built-in name "
+                                                          "(default: %(default)s, trained without the held-out "
+                                                          "images)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--input", default=None, metavar="IMG_OR_NPY", help="a grayscale PNG or a .npy image")
     src.add_argument("--heldout", type=int, default=None, metavar="INDEX",
@@ -799,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box:S | random:P | sr:F | blur:SIGMA | cs:R | denoise (default: %(default)s; see below)")
     s.add_argument("--sigma-y", type=float, default=0.05, help="measurement noise std, in the data's [-1, 1] "
                                                                "units (default: %(default)s)")
-    s.add_argument("--method", default="mmps", help="an inverse method: " + ", ".join(
-        m for m in ds.inverse.methods() if m != "oracle") + " (default: %(default)s)")
+    s.add_argument("--method", default=DEFAULT_METHOD, help="an inverse method: " + ", ".join(
+        m for m in ds.inverse.methods() if m not in RESTORE_EXCLUDED) + " (default: %(default)s)")
     s.add_argument("--nfe", type=int, default=100, help="budget per sample in NFE-equivalents, a VJP counted as "
                                                         "2 NFE (default: %(default)s)")
     s.add_argument("--samples", type=int, default=8, metavar="K", help="posterior samples (default: %(default)s)")

@@ -26,15 +26,17 @@ DT = torch.float64
 Prior = Union[GaussianMixture, DenseGaussianMixture]
 
 
-def check_measurement(op: Operator, y: Tensor, sigma_y: float) -> Tensor:
-    """y as [1, *op.out_shape] float64, with clear errors for a wrong shape, NaN or a negative sigma_y."""
+def check_measurement(op: Operator, y: Tensor, sigma_y: float, batch: bool = False) -> Tensor:
+    """y as [1, *op.out_shape] float64, with clear errors for a wrong shape, NaN or a negative sigma_y.
+    ``batch``: also accept one measurement per sample, [B, *op.out_shape] (kept as it is)."""
     if not isinstance(op, Operator):
         raise TypeError(f"operator must be a diffsolve.inverse Operator, got {type(op).__name__}")
     y = torch.as_tensor(y, dtype=DT)
     if tuple(y.shape) == op.out_shape:
         y = y[None]
-    if tuple(y.shape[1:]) != op.out_shape or y.shape[0] != 1:
-        raise ValueError(f"y must have the operator's measurement shape {list(op.out_shape)}, got {list(y.shape)}")
+    if tuple(y.shape[1:]) != op.out_shape or (y.shape[0] != 1 and not batch) or y.shape[0] < 1:
+        raise ValueError(f"y must have the operator's measurement shape {list(op.out_shape)}"
+                         f"{' (or one per sample)' if batch else ''}, got {list(y.shape)}")
     if not torch.isfinite(y).all():
         raise ValueError("y has NaN or infinite entries")
     if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y)) or sigma_y < 0:

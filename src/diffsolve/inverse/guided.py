@@ -42,7 +42,7 @@ class Guided(ModelWrapper):
 
     def __init__(self, model: Model, op: Operator, y: Tensor, sigma_y: float):
         super().__init__(model)
-        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y), float(sigma_y)
+        self.op, self.y, self.sigma_y = op, check_measurement(op, y, sigma_y, batch=True), float(sigma_y)
         self.vjps = 0
 
     def describe(self) -> Dict[str, Any]:

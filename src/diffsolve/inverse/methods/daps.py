@@ -44,7 +44,7 @@ class DAPS:
         if not data_var > 0:
             raise ValueError(f"DAPS's data_var must be > 0, got {data_var}")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         _, self.s, self.V = spectral_basis(op, "daps")  # V [d, r]: the observed directions
         self.ode_steps, self.data_var = int(ode_steps), float(data_var)
         self.nfe = self.vjps = 0

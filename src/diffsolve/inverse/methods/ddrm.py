@@ -36,9 +36,9 @@ class DDRM:
         if not (0 <= eta <= 1 and 0 <= eta_b <= 1):
             raise ValueError("DDRM's eta and eta_b must lie in [0, 1]")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)  # [1 or n, *out_shape]
         U, self.s, self.V = spectral_basis(op, "ddrm")  # V [d, r]: the observed directions; the rest is isotropic
-        self.y_bar = (self.y.reshape(-1).to(DT) @ U) / self.s
+        self.y_bar = (self.y.reshape(self.y.shape[0], -1).to(DT) @ U) / self.s  # [1 or n, r]
         self.eta, self.eta_b = float(eta), float(eta_b)
         self.nfe = self.vjps = 0
 

@@ -48,7 +48,7 @@ class DPSStep:
         if not zeta > 0:
             raise ValueError(f"DPS needs a step size zeta > 0, got {zeta}")
         self.model, self.op, self.zeta = model, op, float(zeta)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         self.nfe = self.vjps = 0
 
     def run(self, noise, grid, rng, generator):

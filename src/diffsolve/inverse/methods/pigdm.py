@@ -61,7 +61,7 @@ class PiGDMStep:
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.model, self.op, self.eta = model, op, float(eta)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         self.pinv_y = op.pinv(self.y)
         self.nfe = self.vjps = 0
 

@@ -31,7 +31,7 @@ class REDDiff:
         if lam < 0 or lr <= 0:
             raise ValueError("RED-diff needs lam >= 0 and lr > 0")
         self.model, self.op, self.sigma_y = model, op, float(sigma_y)
-        self.y = check_measurement(op, y, sigma_y)
+        self.y = check_measurement(op, y, sigma_y, batch=True)
         self.lam, self.lr, self.betas = float(lam), float(lr), tuple(betas)
         self.nfe = self.vjps = 0
 
