@@ -224,7 +224,37 @@ def mnist_dmcmc(args) -> None:
            ["sampler", "nfe", "amortised_nfe", "median_sigma", "fd", "classes"])
 
 
-PARTS = {"mixture-dmcmc": mixture_dmcmc, "conditional": conditional, "interpolant": interpolant, "pfgm": pfgm,
+#: part -> (placeholder in docs/processes.md, its json, table columns)
+DOC_TABLES = {"pfgm": ("PFGM_TABLE", "pfgm", ["model", "solver", "nfe", "rmse"]),
+              "conditional": ("CONDITIONAL_TABLE", "conditional", ["sampler", "nfe", "sw"]),
+              "interpolant": ("INTERPOLANT_TABLE", "interpolant", ["integrator", "eps", "steps", "nfe", "sw"]),
+              "mixture-dmcmc": ("MIXTURE_DMCMC_TABLE", "mixture_dmcmc",
+                                ["case", "sampler", "nfe", "amortised_nfe", "median_sigma", "sw"]),
+              "mnist-dmcmc": ("MNIST_DMCMC_TABLE", "mnist_dmcmc",
+                              ["sampler", "nfe", "amortised_nfe", "median_sigma", "fd", "classes"]),
+              "mnist-skip": ("MNIST_SKIP_TABLE", "mnist_skip",
+                             ["sampler", "nfe", "skip", "skipped_lambda_fraction", "t_switch", "rmse", "fd"])}
+
+
+def doc(args) -> None:
+    """Fill the tables of docs/processes.md from the parts' json files (a part not yet run says so)."""
+    path = Path("docs/processes.md")
+    text = path.read_text()
+    for part, (mark, name, cols) in DOC_TABLES.items():
+        src = Path(args.out) / f"{name}.json"
+        if src.exists():
+            payload = json.loads(src.read_text())
+            extra = {k: v for k, v in payload.items() if k not in ("rows", "process")}
+            table = (f"`python benchmarks/processes.py {part}` ({', '.join(f'{k} {v}' for k, v in extra.items())}; "
+                     f"raw: `docs/processes/{name}.json`):\n\n" + _table(payload["rows"], cols))
+        else:
+            table = f"Not measured in this tree: `python benchmarks/processes.py {part}` writes it."
+        text = text.replace(mark, table)
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+PARTS = {"doc": doc, "mixture-dmcmc": mixture_dmcmc, "conditional": conditional, "interpolant": interpolant, "pfgm": pfgm,
          "mnist-skip": mnist_skip, "mnist-dmcmc": mnist_dmcmc}
 
 

@@ -21,6 +21,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "default_rule.md"
 
 
 def make_process(name):
+    if name == "PFGMpp":
+        return ds.PFGMpp(128.0)
     return ds.VPDiscrete.linear(1000) if name == "VPDiscrete" else PROCESSES[name]()
 
 
@@ -97,7 +99,8 @@ def test_every_process_parameterisation_and_nfe_has_a_valid_choice(name):
         for n in NFES:
             c = default_sampler(n, proc, pred)
             info = SOLVERS[c.solver]
-            assert (c.spacing in SPACINGS or isinstance(c.spacing, defaults.PowerSpacing)) and c.final in FINALS
+            assert (c.spacing in SPACINGS or isinstance(c.spacing, (defaults.PowerSpacing, defaults.KarrasSpacing))) \
+                and c.final in FINALS
             assert set(c.options) <= set(inspect.signature(info.fn).parameters)
             assert not info.stochastic and not info.requires
 
@@ -198,7 +201,7 @@ def test_the_choice_is_documented():
     assert table in defaults.__doc__
     lines = table.splitlines()
     kinds = {"discrete": "VPDiscrete", "VPContinuous": "VPContinuous", "RectifiedFlow": "RectifiedFlow",
-             "EDM": "EDM", "VE": "VE"}
+             "EDM": "EDM", "VE": "VE", "PFGMpp": "PFGMpp"}
     for kind, name in kinds.items():
         group = defaults.GROUP_OF_KIND[kind]
         for n in NFES:
@@ -207,7 +210,9 @@ def test_the_choice_is_documented():
                        and line.split(" | ")[1] == defaults.band_label(n, group))
             cells = row.split(" | ")
             opts = ", ".join(f"{k}={v}" for k, v in c.options.items()) or "-"
-            spacing = f"power {c.spacing.p:g}" if isinstance(c.spacing, defaults.PowerSpacing) else f"`{c.spacing}`"
+            spacing = (f"power {c.spacing.p:g}" if isinstance(c.spacing, defaults.PowerSpacing) else
+                       f"`karras` rho {c.spacing.rho:g}" if isinstance(c.spacing, defaults.KarrasSpacing) else
+                       "`karras` rho 7" if c.spacing == "karras" else f"`{c.spacing}`")
             assert cells[2] == f"`{c.solver}`" and cells[3] == opts and cells[4] == spacing, (kind, n, row)
             assert cells[5].rstrip(" |") == f"`{c.final}`"
     doc = DOC.read_text()

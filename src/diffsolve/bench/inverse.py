@@ -44,6 +44,7 @@ from ..reference import REFERENCES, DenseGaussianMixture, SharedCovarianceMixtur
 from ..sampling import sample as run_sampler
 from ..util import seeding
 from . import inverse_peers as peers
+from .inverse_roles import BASELINES, DPS_PEERS, PEERS, REFERENCE_ROWS, _kind, _median
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -55,25 +56,6 @@ ZETAS = (0.03, 0.1, 0.3, 1.0)  # DPS step sizes tried per cell (azula's: times s
 TUNE_REP = 1000  # tuning problems are reps TUNE_REP, TUNE_REP + 1, ...
 OURS = tuple(m for m in LIBRARY_METHODS if m != "oracle")
 DPS_OURS = ("dps", "dps-x0")
-#: peer rows: name -> (runner kind, options).  azula's samplers with an eta run with eta = 0 (DDIM) and 1 (DDPM)
-PEERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    "azula:dps": ("azula:dps", {"zeta": 1.0}),  # azula's default; tuned per cell (``tune_dps``)
-    "azula:pigdm": ("azula:pigdm", {"eta": 0.0}),
-    "azula:pigdm-ddpm": ("azula:pigdm", {"eta": 1.0}),
-    "azula:mmps": ("azula:mmps", {"eta": 0.0}),
-    "azula:mmps-ddpm": ("azula:mmps", {"eta": 1.0}),
-    "azula:tmpd": ("azula:tmpd", {"eta": 0.0}),
-    "azula:tmpd-ddpm": ("azula:tmpd", {"eta": 1.0}),
-    "azula:diffpir": ("azula:diffpir", {"eta": 0.0}),
-    "azula:diffpir-ddpm": ("azula:diffpir", {"eta": 1.0}),
-    "azula:tds": ("azula:tds", {}),
-    "paper:mcgdiff": ("paper:mcgdiff", {"eta": 0.85, "kappa": 1e-4, "particles": 1000}),
-    "paper:ddrm": ("library:ddrm", {"eta": 0.85, "eta_b": 1.0}),
-    "paper:daps": ("library:daps", {"ode_steps": 5, "data_var": 1e12}),
-}
-DPS_PEERS = ("azula:dps",)
-BASELINES = ("floor", "ignore-y")
-REFERENCE_ROWS = ("oracle",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,11 +235,6 @@ def run_method(pb: Problem, method: str, n: int, nfe: int, options: Dict[str, An
     return x, {**cost, "seconds": round(time.perf_counter() - t0, 3), "error": err}
 
 
-def _kind(method: str) -> str:
-    return ("baseline" if method in BASELINES else "reference" if method in REFERENCE_ROWS
-            else "peer" if method in PEERS else "ours")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 class RunStore:
     """The rows of a run, appended to a JSON-lines file as they finish (fsync'd), so a rerun skips what is done."""
@@ -421,11 +398,6 @@ def inverse_bench(cfg: InverseBenchConfig) -> Dict[str, Any]:
 
     files = report.write(cfg, rows, tune_rows, summary, methods, meta)
     return {"rows": rows, "tune_rows": tune_rows, "summary": summary, "files": files, "meta": meta}
-
-
-def _median(v: Sequence[float]) -> float:
-    v = [x for x in v if not math.isnan(x)]
-    return float(np.median(v)) if v else float("nan")
 
 
 def summarise(rows: List[Dict[str, Any]], methods: Sequence[str], cells: Sequence[Tuple[str, int, int]]

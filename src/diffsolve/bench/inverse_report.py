@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from ..util.files import write_text_atomic
-from .inverse import BASELINES, PEERS, REFERENCE_ROWS, _kind, _median
+from .inverse_roles import BASELINES, PEERS, REFERENCE_ROWS, _kind, _median
 
 FIELDS = ("phase", "suite", "d", "d_y", "rep", "seed", "sigma_y", "singular_values", "modes", "method", "kind",
           "options", "samples", "sw", "sw2", "nonfinite", "nfe", "vjps", "nfe_eq", "seconds", "error")

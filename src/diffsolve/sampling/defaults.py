@@ -6,14 +6,15 @@ parameterisation; nothing else of the model is read.
 
 | process kinds | NFE | solver | options | spacing | final |
 |---|---|---|---|---|---|
-| `discrete` | 1-10 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
-| `discrete` | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
+| `discrete` | 1-15 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
+| `discrete` | >= 16 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
 | `discrete`, guided (scale > 1) | 1-10 | `unipc-bh2` | order=2 | `linspace` | `t_min` |
 | `discrete`, guided (scale > 1) | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
 | `VPDiscrete`, `VPContinuous` | 1-10 | `unipc-bh2` | order=3 | `uniform` | `t_min` |
 | `VPDiscrete`, `VPContinuous` | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
 | `RectifiedFlow`, `AffineInterpolant` | any | `unipc-bh2` | order=3 | `uniform` | `t_min` |
-| `VE`, `EDM` | any | `unipc-bh2` | order=2 | `karras` | `t_min` |
+| `VE`, `EDM`, `PFGMpp` | 1-8 | `unipc-bh2` | order=2 | `karras` rho 5 | `t_min` |
+| `VE`, `EDM`, `PFGMpp` | >= 9 | `unipc-bh2` | order=2 | `karras` rho 7 | `t_min` |
 | `other` | any | `unipc-bh1` | order=3 | `logsnr` | `t_min` |
 
 * ``discrete`` (a DDPM-style schedule with training timesteps), up to 10 NFE: diffusers' ``UniPCMultistepScheduler(
@@ -54,7 +55,7 @@ import torch
 from ..adapters.parameterisation import canonical
 from ..processes import NoiseProcess
 
-__all__ = ["DefaultSampler", "PowerSpacing", "default_sampler", "process_kind", "model_parameterisation",
+__all__ = ["DefaultSampler", "KarrasSpacing", "PowerSpacing", "default_sampler", "process_kind", "model_parameterisation",
            "rule_table", "band_label", "model_guidance", "AUTO", "LEGACY_SOLVER", "LEGACY_SPACING", "LEGACY_FINAL", "RULES",
            "GROUP_OF_KIND"]
 
@@ -80,6 +81,21 @@ class PowerSpacing:
         return f"power-{self.p:g}"
 
 
+@dataclass(frozen=True)
+class KarrasSpacing:
+    """Spacing ``(process, n) -> t``: EDM's rho-schedule in sigma/alpha with exponent ``rho`` (``karras`` is rho 7)."""
+
+    rho: float
+
+    def __call__(self, process: NoiseProcess, n: int) -> torch.Tensor:
+        from ..grids.spacings import karras
+
+        return karras(process, n, rho=self.rho)
+
+    def __str__(self) -> str:
+        return f"karras-rho{self.rho:g}"
+
+
 Spacing = Union[str, Callable[[NoiseProcess, int], torch.Tensor]]
 
 
@@ -94,19 +110,21 @@ class DefaultSampler(NamedTuple):
 
 #: one band of a rule: (largest NFE of the band or None for no end, solver, options, final, spacing, exponent p).
 #: spacing "index" is diffusers' 'linspace' for p = 1 and ``PowerSpacing(p)`` otherwise; "power" is 'uniform' for
-#: p = 1 and ``PowerSpacing(p)`` otherwise; any other value is a spacing name
+#: p = 1 and ``PowerSpacing(p)`` otherwise; "karras" is EDM's schedule with rho = p (``KarrasSpacing(p)``, 'karras'
+#: for p = 7); any other value is a spacing name
 Band = Tuple[Optional[int], str, Tuple[Tuple[str, Any], ...], str, str, float]
 
 #: the rule of each group of process kinds, band by band
 RULES: Dict[str, Tuple[Band, ...]] = {
-    "discrete": ((10, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
+    "discrete": ((15, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
                  (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),
     "discrete-guided": ((10, "unipc-bh2", (("order", 2),), "t_min", "index", 1.0),
                         (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),
     "vp": ((10, "unipc-bh2", (("order", 3),), "t_min", "power", 1.0),
            (None, "unipc-bh2", (("order", 3),), "t_min", "power", 1.5)),
     "flow": ((None, "unipc-bh2", (("order", 3),), "t_min", "uniform", 1.0),),
-    "edm": ((None, "unipc-bh2", (("order", 2),), "t_min", "karras", 1.0),),
+    "edm": ((8, "unipc-bh2", (("order", 2),), "t_min", "karras", 5.0),
+            (None, "unipc-bh2", (("order", 2),), "t_min", "karras", 7.0)),
     "other": ((None, "unipc-bh1", (("order", 3),), "t_min", "logsnr", 1.0),),
 }
 
@@ -119,6 +137,7 @@ GROUP_OF_KIND: Dict[str, str] = {
     "AffineInterpolant": "flow",
     "VE": "edm",
     "EDM": "edm",
+    "PFGMpp": "edm",  # PFGM++ runs on EDM's sigma grid by construction (r = sigma sqrt(D))
     "other": "other",  # an unknown process: the grid that does not depend on how its time is parameterised
 }
 #: (process kind, parameterisation) -> its group where the parameterisation changes the choice (none measured: the
@@ -129,7 +148,7 @@ GROUP_OF_KIND_AND_PREDICTION: Dict[Tuple[str, str], str] = {}
 #: order 3 was 1.3-1.4x the best peer at NFE 5-6; DPM-Solver++ recommends its 2M for guided sampling too)
 GUIDED_GROUP: Dict[str, str] = {"discrete": "discrete-guided"}
 
-_CLASSES = ("VPDiscrete", "VPContinuous", "RectifiedFlow", "AffineInterpolant", "VE", "EDM")
+_CLASSES = ("VPDiscrete", "VPContinuous", "RectifiedFlow", "AffineInterpolant", "VE", "EDM", "PFGMpp")
 
 
 def process_kind(process: Union[NoiseProcess, str]) -> str:
@@ -182,6 +201,8 @@ def default_sampler(nfe: int, process: Union[NoiseProcess, str],
         n_train = getattr(process, "num_train_timesteps", None)
         if spacing == "linspace" and n_train is not None and n_train < nfe + 1:  # fewer timesteps than points
             spacing = "uniform"
+    elif name == "karras" and p != 7.0:
+        spacing = KarrasSpacing(p)
     return DefaultSampler(solver, dict(options), spacing, final)
 
 
@@ -200,6 +221,8 @@ def band_label(nfe: int, group: str = "discrete") -> str:
 def _cell(name: str, p: float) -> str:
     if name in ("index", "power"):
         return f"power {p:g}" if p != 1.0 else ("`linspace`" if name == "index" else "`uniform`")
+    if name == "karras":
+        return f"`karras` rho {p:g}"
     return f"`{name}`"
 
 
