@@ -267,7 +267,7 @@ def test_guided_models_get_the_guided_choice():
     VP = ds.VPDiscrete.linear(1000)
     assert default_sampler(8, VP, "epsilon", 3.0) == DefaultSampler("unipc-bh2", {"order": 2}, "linspace", "t_min")
     assert default_sampler(8, VP, "epsilon", 1.0) == default_sampler(8, VP, "epsilon")
-    assert default_sampler(15, VP, "epsilon", 3.0) == default_sampler(15, VP, "epsilon")
+    assert default_sampler(20, VP, "epsilon", 3.0) == default_sampler(20, VP, "epsilon")
     assert default_sampler(8, ds.EDM(), "edm", 3.0) == default_sampler(8, ds.EDM(), "edm")  # no measured change
 
     def net(x, t, c=None):

@@ -6,8 +6,8 @@ parameterisation; nothing else of the model is read.
 
 | process kinds | NFE | solver | options | spacing | final |
 |---|---|---|---|---|---|
-| `discrete` | 1-15 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
-| `discrete` | >= 16 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
+| `discrete` | 1-10 | `unipc-bh2` | order=3 | `linspace` | `t_min` |
+| `discrete` | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
 | `discrete`, guided (scale > 1) | 1-10 | `unipc-bh2` | order=2 | `linspace` | `t_min` |
 | `discrete`, guided (scale > 1) | >= 11 | `unipc-bh2` | order=3 | power 1.5 | `t_min` |
 | `VPDiscrete`, `VPContinuous` | 1-10 | `unipc-bh2` | order=3 | `uniform` | `t_min` |
@@ -31,8 +31,10 @@ parameterisation; nothing else of the model is read.
   solver_order=2)``, the best peer on mnist-cfg at w = 3, where bh1 order 3 was 1.3-1.4x it at NFE 5-6; DPM-Solver++
   recommends second order for guided sampling as well).  From 11 NFE the unguided choice.  ``DiffsolveScheduler``
   cannot see a pipeline's guidance (diffusers applies it outside the scheduler) and uses the unguided choice.
-* ``VE``, ``EDM``: UniPC-bh2 order 2 on EDM's Karras (rho = 7) schedule.  Third order on that schedule is
-  unstable below ~10 NFE on a trained EDM network (its first steps are huge in sigma).
+* ``VE``, ``EDM``, ``PFGMpp`` (PFGM++ runs on EDM's sigma grid): UniPC-bh2 order 2 on EDM's Karras schedule, with
+  rho = 5 up to 8 NFE (fewer of the few steps spent at large sigma: 0.74-0.95x the best peer on digits-edm at NFE
+  5-8, where rho 7 was 0.82-1.05x) and rho = 7 from 9 NFE.  Third order on that schedule is unstable below ~10 NFE
+  on a trained EDM network (its first steps are huge in sigma).
 * ``RectifiedFlow``, ``AffineInterpolant``: UniPC-bh2 order 3 uniform in t, stopping at t_min (the best candidate at
   NFE 5, 8 and 15 on the flow-matching MNIST model, 0.97-0.99x the best peer there, which is diffusers' UniPC bh2
   order 3 on flow sigmas; the log-SNR, Karras and power grids were 1.3-2.6x worse).
@@ -116,7 +118,7 @@ Band = Tuple[Optional[int], str, Tuple[Tuple[str, Any], ...], str, str, float]
 
 #: the rule of each group of process kinds, band by band
 RULES: Dict[str, Tuple[Band, ...]] = {
-    "discrete": ((15, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
+    "discrete": ((10, "unipc-bh2", (("order", 3),), "t_min", "index", 1.0),
                  (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),
     "discrete-guided": ((10, "unipc-bh2", (("order", 2),), "t_min", "index", 1.0),
                         (None, "unipc-bh2", (("order", 3),), "t_min", "index", 1.5)),

@@ -99,7 +99,7 @@ def dmcmc(model: Model, levels: NoiseLevels, seeds: Sequence[int], shape: Option
         raise ValueError("pass shape= (the model does not record its sample_shape)")
     sig = levels.sigmas
     lo, hi = (float(proc.sigma_ve(torch.tensor(t, dtype=DT))) for t in (proc.t_min, proc.t_max))
-    if float(sig[0]) < lo * (1 - 1e-9) or float(sig[-1]) > hi * (1 + 1e-9):
+    if float(sig[0]) < lo * (1 - 1e-6) or float(sig[-1]) > hi * (1 + 1e-6):  # levels stored in float32
         raise ValueError(f"noise levels [{float(sig[0]):.4g}, {float(sig[-1]):.4g}] leave the process's range "
                          f"[{lo:.4g}, {hi:.4g}]")
     seeds = [int(s) for s in seeds]
