@@ -130,7 +130,7 @@ def interpolant(args) -> None:
 # ----------------------------------------------------------------------------------------
 def pfgm(args) -> None:
     """Every VE-view (deterministic) solver on the PFGM++ digits model at 10 and 20 NFE: RMSE to its converged
-    reference (dpm++3m, 100 NFE, uniform grid, same noise), next to the EDM digits model trained alike."""
+    reference (dpm++3m, 100 NFE, Karras grid, same noise), next to the EDM digits model trained alike."""
     models = {"PFGM++ D=128 (" + args.model + ")": args.model, "EDM (digits-edm)": "digits-edm"}
     n = args.images
     rows = []
@@ -138,7 +138,7 @@ def pfgm(args) -> None:
     for label, name in models.items():
         den = ds.load(name)
         z = torch.randn(n, *den.sample_shape, generator=torch.Generator().manual_seed(args.seed), dtype=DT)
-        ref = ds.sample(den, z, "dpm++3m", nfe=100, spacing="uniform")
+        ref = ds.sample(den, z, "dpm++3m", nfe=100, spacing="karras")
         grids[label] = ref[:16]
         for info in ds.solvers():
             if info.stochastic or info.requires:

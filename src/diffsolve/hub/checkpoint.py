@@ -35,6 +35,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: models shipped inside the package: ``ds.load(name)``
 BUILTIN_MODELS = {"mnist": ASSETS / "mnist", "mnist-flow": ASSETS / "mnist_flow", "mnist-cfg": ASSETS / "mnist_cfg",
                   "digits-edm": ASSETS / "digits_edm", "digits-v": ASSETS / "digits_v",
+                  "digits-pfgmpp": ASSETS / "digits_pfgmpp",
                   "mnist-mmd4": ASSETS / "mnist_mmd4", "gaussian25": ASSETS / "gaussian25"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
