@@ -244,6 +244,12 @@ def doc(args) -> None:
         src = Path(args.out) / f"{name}.json"
         if src.exists():
             payload = json.loads(src.read_text())
+            if part == "pfgm":  # one row per solver, one column per model and NFE
+                rows: Dict[str, Dict[str, Any]] = {}
+                for r in payload["rows"]:
+                    rows.setdefault(r["solver"], {"solver": r["solver"]})[f"{r['model'].split(' (')[0]} @{r['nfe']}"] = r["rmse"]
+                cols = ["solver"] + sorted({k for r in rows.values() for k in r if k != "solver"}, reverse=True)
+                payload = {**payload, "rows": list(rows.values())}
             extra = {k: v for k, v in payload.items() if k not in ("rows", "process")}
             table = (f"`python benchmarks/processes.py {part}` ({', '.join(f'{k} {v}' for k, v in extra.items())}; "
                      f"raw: `docs/processes/{name}.json`):\n\n" + _table(payload["rows"], cols))
