@@ -29,8 +29,9 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy $(CORE)
 
+# the tests run in parallel processes of one torch thread each (pytest-xdist), at most 4
 test: lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4
 
 bench: $(STAMP)
 	$(PY) benchmarks/error_vs_nfe.py --out docs
