@@ -188,7 +188,7 @@ def test_model_demo_writes_grid_and_metrics(tmp_path, capsys):
     assert code == 0, stdout
     res = json.loads((tmp_path / "demo.json").read_text())
     assert [(r["sampler"], r["nfe"]) for r in res["runs"]] == [("default", 3), ("previous default", 3),
-                                                              ("reference", 100)]
+                                                              ("reference", 60)]
     assert all(r["fd_lenet"] > 0 for r in res["runs"]) and (tmp_path / "demo.png").stat().st_size > 0
     rest = res["restoration"]  # box inpainting of held-out digits 0 and 1, two posterior samples each
     assert rest["labels"] == [0, 1] and len(rest["psnr"]) == 2 and all(len(p) == 2 for p in rest["psnr"])
