@@ -12,7 +12,7 @@ its score and the prior's is the exact noisy-time guidance term grad log p_t(y |
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -44,18 +44,25 @@ def check_measurement(op: Operator, y: Tensor, sigma_y: float, batch: bool = Fal
     return y
 
 
+def _check_problem(op: Operator, y: Tensor, sigma_y: float, shape: Sequence[int]) -> Tensor:
+    """y checked as ``check_measurement`` does, for an exact posterior: sigma_y > 0, a linear operator on data of
+    the prior's ``shape``."""
+    y = check_measurement(op, y, sigma_y)
+    if sigma_y <= 0:
+        raise ValueError("the exact posterior needs sigma_y > 0")
+    if not op.linear:
+        raise TypeError("the exact posterior needs a linear operator")
+    if op.in_shape != tuple(shape):
+        raise ValueError(f"the operator acts on {list(op.in_shape)}, the prior's data are {list(shape)}")
+    return y
+
+
 class ExactPosterior:
     """p(x0 | y) for a mixture prior and a linear operator with Gaussian noise ``sigma_y`` (> 0)."""
 
     def __init__(self, prior: Prior, op: Operator, y: Tensor, sigma_y: float):
-        y = check_measurement(op, y, sigma_y)
-        if sigma_y <= 0:
-            raise ValueError("the exact posterior needs sigma_y > 0")
-        if not op.linear:
-            raise TypeError("the exact posterior needs a linear operator")
+        y = _check_problem(op, y, sigma_y, prior.shape)
         dense = prior if isinstance(prior, DenseGaussianMixture) else DenseGaussianMixture.from_mixture(prior)
-        if op.in_shape != tuple(dense.shape):
-            raise ValueError(f"the operator acts on {list(op.in_shape)}, the prior's data are {list(dense.shape)}")
         self.prior, self.op, self.y, self.sigma_y = prior, op, y, float(sigma_y)
         A = op.matrix().to(DT)
         yf = y.reshape(-1)
@@ -101,13 +108,7 @@ class LowRankPosterior:
     component's posterior law exactly.  O(K d (r + m)) per sample."""
 
     def __init__(self, prior: GaussianMixture, op: Operator, y: Tensor, sigma_y: float):
-        y = check_measurement(op, y, sigma_y)
-        if sigma_y <= 0:
-            raise ValueError("the exact posterior needs sigma_y > 0")
-        if not op.linear:
-            raise TypeError("the exact posterior needs a linear operator")
-        if op.in_shape != tuple(prior.shape):
-            raise ValueError(f"the operator acts on {list(op.in_shape)}, the prior's data are {list(prior.shape)}")
+        y = _check_problem(op, y, sigma_y, prior.shape)
         self.prior, self.op, self.y, self.sigma_y = prior, op, y, float(sigma_y)
         A = op.matrix().to(DT)  # [m, d]
         m = A.shape[0]

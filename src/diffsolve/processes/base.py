@@ -149,7 +149,35 @@ class NoiseProcess:
         return f"{type(self).__name__}({args})"
 
 
-class Shifted(NoiseProcess):
+class OnBase(NoiseProcess):
+    """A process defined on another one, ``self.base``: its schedule (alpha, sigma, their derivatives, lambda and
+    its inverse, the model's time) is the base's; subclasses change the rest."""
+
+    base: NoiseProcess
+
+    def alpha(self, t):
+        return self.base.alpha(t)
+
+    def sigma(self, t):
+        return self.base.sigma(t)
+
+    def d_alpha(self, t):
+        return self.base.d_alpha(t)
+
+    def d_sigma(self, t):
+        return self.base.d_sigma(t)
+
+    def lam(self, t):
+        return self.base.lam(t)
+
+    def t_of_lam(self, lam):
+        return self.base.t_of_lam(lam)
+
+    def model_time(self, t):
+        return self.base.model_time(t)
+
+
+class Shifted(OnBase):
     """``base`` with a known per-sample offset: x_t = alpha(t) x0 + b(t) y + sigma(t) eps.
 
     ``offset(t)`` gives b(t) (float64 in and out); ``y`` travels with the batch as the model keyword
@@ -168,27 +196,6 @@ class Shifted(NoiseProcess):
         self.t_min, self.t_max, self.prior_scale = base.t_min, base.t_max, base.prior_scale
         self.ode_variable, self.gaussian = base.ode_variable, base.gaussian
 
-    def alpha(self, t):
-        return self.base.alpha(t)
-
-    def sigma(self, t):
-        return self.base.sigma(t)
-
-    def d_alpha(self, t):
-        return self.base.d_alpha(t)
-
-    def d_sigma(self, t):
-        return self.base.d_sigma(t)
-
-    def lam(self, t):
-        return self.base.lam(t)
-
-    def t_of_lam(self, lam):
-        return self.base.t_of_lam(lam)
-
-    def model_time(self, t):
-        return self.base.model_time(t)
-
     def offset(self, t):
         return torch.as_tensor(self._offset(as_t(t)), dtype=DT)
 
@@ -202,7 +209,7 @@ class Shifted(NoiseProcess):
         return {"type": "Shifted", "name": self.name, "key": self.offset_key, "base": self.base.config()}
 
 
-class Restricted(NoiseProcess):
+class Restricted(OnBase):
     """``base`` on the shorter range [t_min, ``t_max``] (with base's everything else), so that a spacing lays its grid
     on part of the range (sampling after an analytic start)."""
 
@@ -217,27 +224,6 @@ class Restricted(NoiseProcess):
         if name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
-
-    def alpha(self, t):
-        return self.base.alpha(t)
-
-    def sigma(self, t):
-        return self.base.sigma(t)
-
-    def d_alpha(self, t):
-        return self.base.d_alpha(t)
-
-    def d_sigma(self, t):
-        return self.base.d_sigma(t)
-
-    def lam(self, t):
-        return self.base.lam(t)
-
-    def t_of_lam(self, lam):
-        return self.base.t_of_lam(lam)
-
-    def model_time(self, t):
-        return self.base.model_time(t)
 
     def offset(self, t):
         return self.base.offset(t)
